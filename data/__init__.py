@@ -1,0 +1,1 @@
+"""Instruction data: the built-in parallel set and loaders for external sources."""

@@ -1,0 +1,1 @@
+"""Launch-side helpers for polyshift training jobs."""

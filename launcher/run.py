@@ -1,0 +1,86 @@
+"""polyshift entry point: ``python launcher/run.py RECIPE [--set a.b=v ...] [--dry-run]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launcher.recipe import RecipeError, dump_recipe, load_recipe
+from launcher.schema import Recipe
+
+
+def preflight(recipe: Recipe) -> None:
+    """Checks that need the filesystem, done before any work or run directory exists."""
+    for section in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, section)):
+            path = Path(source.path).expanduser()
+            looks_local = source.path.startswith((".", "/", "~")) or path.suffix in (
+                ".jsonl",
+                ".json",
+                ".csv",
+                ".parquet",
+            )
+            if looks_local and not path.exists():
+                raise RecipeError(f"data.{section}.{i}.path: {source.path} does not exist")
+    backbone = recipe.model.backbone
+    looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
+    if looks_local and not Path(backbone).expanduser().exists():
+        raise RecipeError(f"model.backbone: {backbone} does not exist")
+
+
+def dry_run(recipe: Recipe) -> None:
+    from parallel.distributed import resolve_device
+    from parallel.ds_config import build_deepspeed_config
+
+    device = resolve_device(recipe.cluster.device)
+    print("# resolved recipe")
+    print(dump_recipe(recipe))
+    print(f"# resolved DeepSpeed config (device: {device})")
+    print(json.dumps(build_deepspeed_config(recipe, device), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="polyshift", description=__doc__)
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe field (repeatable), e.g. --set training.steps=10",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configs")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(recipe)
+        return 0
+
+    run_dir = Path(recipe.output_dir) / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    if recipe.cluster.world_size > 1 and "RANK" not in os.environ:
+        from launcher.local import launch_local_workers
+
+        launch_local_workers(recipe, run_dir)
+    else:
+        from launcher.loop import run_training
+
+        run_training(recipe, run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The one recipe schema: every option has a type, a default and a validation error.
+
+A recipe is YAML read into `Recipe`. Unknown keys are errors (``extra="forbid"``) so that a typo
+never silently falls back to a default on a 70B run.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    backbone: str = Field(
+        EMBEDDED_SMOLLM2,
+        description="A local Hugging Face directory, a hub id (from the local cache when "
+        "offline), a .gguf file, or an embedded model name.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside `backbone` (a directory).")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    chat_template: str | None = Field(
+        None, description="Jinja chat template that replaces the tokenizer's own."
+    )
+
+
+class DataSource(Section):
+    path: str = Field(
+        description="JSON Lines file or folder, builtin:polyglot, or a datasets source."
+    )
+    language: str | None = Field(None, description="Language of every row without a `lang` field.")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Canonical name -> source field name."
+    )
+    split: str = "train"
+    limit: PositiveInt | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"id", "lang", "instruction", "response"})
+        if unknown:
+            raise ValueError(
+                f"unknown canonical field(s) {unknown}; expected id, lang, instruction, response"
+            )
+        return value
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(path="builtin:polyglot")], min_length=1
+    )
+    eval: list[DataSource] = Field(
+        default_factory=list,
+        description="Held-out sources; when empty, `eval_fraction` of the train ids is held out.",
+    )
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    eval_samples_per_language: PositiveInt = 32
+    languages: list[str] | None = Field(
+        None, description="Keep only these languages (all languages of the data when unset)."
+    )
+    dominant_language: str = "en"
+    max_length: PositiveInt = 256
+    on_bad_row: Literal["error", "skip"] = "error"
+    batching: Literal["bucket", "random"] = Field(
+        "bucket", description="bucket: length-bucketed global batches (less padding)."
+    )
+    system_prompt: str | None = None
+
+
+class SFTMethod(Section):
+    """Plain supervised fine-tuning: the baseline every method is compared against."""
+
+    name: Literal["sft"] = "sft"
+
+
+MethodSection = Annotated[SFTMethod, Field(discriminator="name")]
+
+
+class TrainingSection(Section):
+    steps: PositiveInt = 100
+    global_batch_size: PositiveInt = 8
+    micro_batch_size: PositiveInt = 1
+    lr: PositiveFloat = 2e-5
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: NonNegativeInt = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: NonNegativeFloat = 1.0
+    eval_every: NonNegativeInt = Field(0, description="0: evaluate only before and after.")
+    eval_batch_size: PositiveInt = 8
+    log_every: PositiveInt = 1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingSection:
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) is larger than steps ({self.steps})"
+            )
+        return self
+
+
+class ParallelSection(Section):
+    engine: Literal["deepspeed"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+    tensor_parallel: PositiveInt = 1
+    pipeline_parallel: PositiveInt = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config merged over the generated one (last word).",
+    )
+
+
+class ClusterSection(Section):
+    nodes: PositiveInt = 1
+    workers_per_node: PositiveInt = 1
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegativeFloat = 1.0
+    max_failures: NonNegativeInt = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+class TrackingSection(Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="MLflow server or store; default: MLFLOW_TRACKING_URI, else ./mlflow.db"
+    )
+    experiment: str = "polyshift"
+    run_name: str | None = None
+    registered_model_name: str | None = None
+    log_system_metrics: bool = True
+    log_model: bool = True
+
+
+class CheckpointSection(Section):
+    every: NonNegativeInt = Field(0, description="0: only at the end of training.")
+    keep_last: PositiveInt = 2
+    resume: bool = Field(True, description="Resume from the newest checkpoint of the run dir.")
+    export: bool = True
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Recipe(Section):
+    name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = "runs"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    method: MethodSection = Field(default_factory=SFTMethod)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory)")
+        return value
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.cluster.world_size // (
+            self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size)
+
+    @model_validator(mode="after")
+    def _layout_and_batch(self) -> Recipe:
+        world = self.cluster.world_size
+        model_parallel = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        if world % model_parallel:
+            raise ValueError(
+                f"parallel: tensor_parallel x pipeline_parallel = {model_parallel} does not "
+                f"divide the world size {world} (cluster.nodes x cluster.workers_per_node)"
+            )
+        if self.parallel.engine == "deepspeed" and model_parallel > 1:
+            raise ValueError(
+                "parallel.tensor_parallel/pipeline_parallel: the deepspeed engine is data-parallel"
+                " (ZeRO); tensor or pipeline parallelism needs parallel.engine: megatron"
+            )
+        t, dp = self.training, self.data_parallel_size
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"training.global_batch_size: {t.global_batch_size} is not divisible by "
+                f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
+                f"= {t.micro_batch_size * dp}"
+            )
+        if (
+            self.data.languages is not None
+            and self.data.dominant_language not in self.data.languages
+        ):
+            raise ValueError(
+                f"data.dominant_language: {self.data.dominant_language!r} is not in "
+                f"data.languages {self.data.languages}"
+            )
+        return self

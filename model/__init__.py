@@ -1,0 +1,1 @@
+"""Model-side code: backbone loading, ShifCon math, subspace metric, Lens, XTransplant."""

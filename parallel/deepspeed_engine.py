@@ -1,0 +1,116 @@
+"""DeepSpeed ZeRO adapter: builds the partitioned model, steps it, checkpoints and exports it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.formatting import Batch
+from launcher.schema import Recipe
+from model.backbone import ResolvedBackbone, load_causal_lm
+from model.methods import Method
+from parallel.distributed import DistContext, all_reduce_sum_
+from parallel.ds_config import build_deepspeed_config, resolve_precision
+from parallel.engine import Engine, StepResult
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(
+        self, recipe: Recipe, ctx: DistContext, backbone: ResolvedBackbone, method: Method
+    ) -> None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.ctx, self.method = ctx, method
+        # DeepSpeed keeps its own view of the (already initialised) torch process group.
+        deepspeed.init_distributed(dist_backend="nccl" if ctx.device == "cuda" else "gloo")
+        self.config = build_deepspeed_config(recipe, ctx.device)
+        dtype = torch.bfloat16 if resolve_precision(recipe, ctx.device) == "bf16" else torch.float32
+        # While this object lives, from_pretrained builds the model inside zero.Init: each layer
+        # is partitioned as it is created, so no rank ever holds the full model.
+        self._hf_ds_config = (
+            HfDeepSpeedConfig(self.config) if recipe.parallel.zero_stage == 3 else None
+        )
+        model = load_causal_lm(backbone, recipe.model, dtype)
+        method.attach(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=self.config
+        )
+        self.zero_stage = recipe.parallel.zero_stage
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
+        if len(micro_batches) != self.ds.gradient_accumulation_steps():
+            raise ValueError(
+                f"{len(micro_batches)} micro-batches for "
+                f"{self.ds.gradient_accumulation_steps()} gradient-accumulation steps"
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.ds.train()
+        total = torch.zeros(1, dtype=torch.float64)
+        metric_sums: dict[str, float] = {}
+        for micro in micro_batches:
+            loss, metrics = self.method.loss(self.ds, micro.to(self.ctx.torch_device))
+            self.ds.backward(loss)
+            self.ds.step()  # DeepSpeed only updates at the accumulation boundary
+            total += loss.detach().double().cpu()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+        keys = sorted(metric_sums)
+        packed = torch.tensor([total.item(), *(metric_sums[k] for k in keys)], dtype=torch.float64)
+        all_reduce_sum_(packed)  # one collective for every logged scalar
+        scale = 1.0 / (len(micro_batches) * self.ctx.world_size)
+        norm = self.ds.get_global_grad_norm()
+        return StepResult(
+            loss=packed[0].item() * scale,
+            grad_norm=None if norm is None else float(norm),
+            metrics={k: packed[i + 1].item() * scale for i, k in enumerate(keys)},
+        )
+
+    @torch.no_grad()
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
+        self.ds.eval()
+        batch = batch.to(self.ctx.torch_device)
+        logits = self.ds(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        self.ds.train()
+        return logits
+
+    def param_counts(self) -> tuple[int, int]:
+        params = list(self.module.parameters())
+        if self.zero_stage == 3:
+            return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+        total = sum(p.numel() for p in params)
+        return total, total
+
+    def save(self, root: Path, tag: str, client_state: dict[str, Any]) -> None:
+        self.ds.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, root: Path, tag: str) -> dict[str, Any]:
+        path, client_state = self.ds.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"checkpoint {root / tag} could not be loaded")
+        return client_state or {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights on rank 0 (None elsewhere), gathered one parameter at a time."""
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+            return state if self.ctx.is_rank0 else None
+        return self.module.state_dict() if self.ctx.is_rank0 else None
+
+    def export(self, directory: Path) -> None:
+        state = self.full_state_dict()  # collective under ZeRO-3: every rank must call it
+        if self.ctx.is_rank0:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)

@@ -1,0 +1,71 @@
+"""The engine interface: the only thing the training loop knows about parallelism.
+
+An engine owns the (partitioned) model and its optimizer. It decides where layers live and
+which process group reduces what; the method decides what the loss is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.formatting import Batch
+from model.losses import per_sample_lm_loss
+from model.methods import Method
+from parallel.distributed import DistContext
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the micro-batches and the data-parallel group
+    grad_norm: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    ctx: DistContext
+    method: Method
+    config: dict[str, Any]  # the engine's own resolved config, logged as an artifact
+
+    @property
+    def dp_rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.ctx.world_size
+
+    @abstractmethod
+    def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
+        """Forward/backward over the micro-batches (gradient accumulation), then one update."""
+
+    @abstractmethod
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
+        """Eval-mode logits [B, T, V]; a collective: every rank calls it equally often."""
+
+    def eval_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample summed LM loss and token count."""
+        return per_sample_lm_loss(
+            self.forward_logits(batch), batch.labels.to(self.ctx.torch_device)
+        )
+
+    @abstractmethod
+    def param_counts(self) -> tuple[int, int]:
+        """(elements this rank stores, elements of the full model): shows the partitioning."""
+
+    @abstractmethod
+    def save(self, root: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Write checkpoint `root/tag` (all ranks)."""
+
+    @abstractmethod
+    def load(self, root: Path, tag: str) -> dict[str, Any]:
+        """Load checkpoint `root/tag`, returning the client state saved with it."""
+
+    @abstractmethod
+    def export(self, directory: Path) -> None:
+        """A Hugging Face directory (safetensors, config) of the current weights (rank 0 writes)."""

@@ -1,0 +1,32 @@
+"""Logits of the training engine restored from a run directory's latest checkpoint.
+
+Run as ``python -m tests.engine_logits RUN_DIR OUT.pt`` so DeepSpeed's global state never
+leaks into the test process that loads the export with plain transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from data.formatting import collate
+from launcher.loop import open_session
+from launcher.recipe import load_recipe
+
+
+def main(run_dir: str, out: str) -> None:
+    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+    session = open_session(recipe, Path(run_dir))
+    examples = session.data.eval[:4]
+    batch = collate(examples, session.tokenizer.pad_token_id, session.data.languages)
+    logits = session.engine.forward_logits(batch)
+    torch.save(
+        {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "logits": logits},
+        out,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
