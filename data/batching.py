@@ -10,6 +10,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from launcher.errors import UserError
+
 # Sort by length inside windows of this many global batches: most of bucketing's padding gain,
 # while batches still mix lengths, languages and tasks across an epoch.
 BUCKET_WINDOW = 32
@@ -20,7 +22,7 @@ def epoch_batches(
 ) -> list[list[int]]:
     """Global batches of indices for one epoch; the incomplete tail is dropped."""
     if len(lengths) < global_batch_size:
-        raise ValueError(
+        raise UserError(
             f"training.global_batch_size ({global_batch_size}) is larger than the training set "
             f"({len(lengths)} examples)"
         )

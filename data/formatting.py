@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from launcher.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -66,8 +68,8 @@ def encode_example(
             )
         )
         if full[: len(prompt)] != prompt:
-            raise ValueError(
-                "the chat template renders the prompt differently with and without the answer; "
+            raise UserError(
+                "model.chat_template: the chat template renders the prompt differently with and without the answer; "
                 "set model.chat_template to one whose prompt is a prefix of the full dialogue"
             )
     else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from data.formatting import Example, encode_example
 from data.sources import LoadReport, load_rows
+from launcher.errors import UserError
 from launcher.schema import DataSection, DataSource
 
 
@@ -16,6 +17,7 @@ class RunData:
     train: list[Example]
     eval: list[Example]
     languages: list[str]  # dominant language first; index = language id
+    train_rows: list[dict] = field(default_factory=list)  # raw rows (methods build pairs from them)
     reports: list[LoadReport] = field(default_factory=list)
     dropped_too_long: int = 0
 
@@ -53,9 +55,9 @@ def order_languages(found: set[str], section: DataSection) -> list[str]:
     wanted = section.languages if section.languages is not None else sorted(found)
     missing = [lang for lang in wanted if lang not in found]
     if missing:
-        raise ValueError(f"data.languages: no training rows for {missing} (found {sorted(found)})")
+        raise UserError(f"data.languages: no training rows for {missing} (found {sorted(found)})")
     if section.dominant_language not in wanted:
-        raise ValueError(
+        raise UserError(
             f"data.dominant_language: no rows in {section.dominant_language!r} "
             f"(languages: {sorted(wanted)})"
         )
@@ -103,4 +105,5 @@ def build_run_data(section: DataSection, tokenizer) -> RunData:
         if per_lang[row["lang"]] < section.eval_samples_per_language:
             per_lang[row["lang"]] += 1
             capped.append(row)
-    return RunData(encode(train_rows), encode(capped), languages, reports, dropped)
+    train_rows = [r for r in train_rows if r["lang"] in keep]
+    return RunData(encode(train_rows), encode(capped), languages, train_rows, reports, dropped)

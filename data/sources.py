@@ -26,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from data.polyglot import build_polyglot
+from launcher.errors import UserError
 
 CANONICAL_FIELDS: tuple[str, ...] = ("lang", "instruction", "response", "id")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
@@ -41,7 +42,7 @@ _DATASETS_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A source or one of its rows is unusable; the message names the source and line/row."""
 
 

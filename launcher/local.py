@@ -11,11 +11,13 @@ import sys
 import uuid
 from pathlib import Path
 
+from launcher.errors import WorkersFailed
 from launcher.schema import Recipe
 from parallel.distributed import free_port
 
 
 def launch_local_workers(recipe: Recipe, run_dir: Path) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -31,4 +33,12 @@ def launch_local_workers(recipe: Recipe, run_dir: Path) -> None:
         start_method="spawn",
         local_addr="127.0.0.1",
     )
-    elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", str(run_dir))
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", str(run_dir))
+    except ChildFailedError as exc:
+        codes = sorted({failure.exitcode for failure in exc.failures.values()})
+        raise WorkersFailed(
+            f"{len(exc.failures)} of {recipe.cluster.world_size} workers failed "
+            f"(exit codes {codes}); their messages are above",
+            exit_code=2 if codes == [2] else 1,
+        ) from None

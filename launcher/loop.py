@@ -27,6 +27,7 @@ from launcher.checkpoints import CheckpointStore, step_tag
 from launcher.recipe import dump_recipe
 from launcher.schema import Recipe
 from launcher.tracking import Tracker, flatten
+from launcher.universal import plan_resume
 from model.backbone import load_tokenizer, resolve_backbone
 from model.methods import build_method
 from parallel.distributed import (
@@ -85,6 +86,7 @@ class TrainState:
     position: DataPosition = field(default_factory=DataPosition)
     eval_before: dict[str, float] | None = None
     losses: list[float] = field(default_factory=list)
+    method_metrics: list[dict[str, float]] = field(default_factory=list)
 
     def to_client(self, method_state: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -93,6 +95,7 @@ class TrainState:
                 "position": asdict(self.position),
                 "eval_before": self.eval_before,
                 "losses": self.losses,
+                "method_metrics": self.method_metrics,
             },
             "rng": rng_state(),
             "method": method_state,
@@ -101,7 +104,13 @@ class TrainState:
     @classmethod
     def from_client(cls, client: dict[str, Any]) -> TrainState:
         s = client["polyshift"]
-        return cls(s["step"], DataPosition(**s["position"]), s["eval_before"], list(s["losses"]))
+        return cls(
+            s["step"],
+            DataPosition(**s["position"]),
+            s["eval_before"],
+            list(s["losses"]),
+            list(s["method_metrics"]),
+        )
 
 
 def evaluate(
@@ -181,7 +190,7 @@ def _save(engine, store: CheckpointStore, state: TrainState, ctx: DistContext, t
     barrier()
     maybe_fail("checkpoint_commit", state.step)
     if ctx.is_rank0:
-        final = store.commit(tag, {"step": state.step})
+        final = store.commit(tag, {"step": state.step, "world_size": ctx.world_size})
         tracker.set_tag("checkpoint.latest", str(final.resolve()))
     barrier()
 
@@ -218,20 +227,24 @@ def open_session(recipe: Recipe, run_dir: Path) -> Session:
     tokenizer = load_tokenizer(backbone, recipe.model)
     data = build_run_data(recipe.data, tokenizer)
     _log(ctx, f"data: {json.dumps(data.summary())}; dropped (too long): {data.dropped_too_long}")
-    method = build_method(recipe, data.languages)
-    engine = build_engine(recipe, ctx, backbone, method)
+    method = build_method(recipe, data, tokenizer)
+    store = CheckpointStore(run_dir / "checkpoints", recipe.checkpoint.keep_last)
+    tag = store.latest() if recipe.checkpoint.resume else None
+    # Written by another world size: converted once to a universal checkpoint, loaded from there.
+    resume = plan_resume(recipe, store.root, tag, ctx)
+    engine = build_engine(resume.recipe, ctx, backbone, method)
     local, total = engine.param_counts()
     _log(ctx, f"model: {total:,} parameters; rank 0 stores {local:,}")
 
-    store = CheckpointStore(run_dir / "checkpoints", recipe.checkpoint.keep_last)
     state = TrainState()
-    tag = store.latest() if recipe.checkpoint.resume else None
     if tag is not None:
-        client = engine.load(store.root, tag)
+        client = engine.load(resume.root, resume.tag)
         state = TrainState.from_client(client)
         set_rng_state(client["rng"])
         method.load_state_dict(client.get("method", {}))
-        _log(ctx, f"resumed from {store.root / tag} at step {state.step}")
+        _log(ctx, f"resumed from {store.root / tag} at step {state.step}{resume.note}")
+    else:
+        method.prepare(engine.forward_module, data.train, recipe.training.eval_batch_size)
     return Session(recipe, run_dir, ctx, tokenizer, data, engine, store, state)
 
 
@@ -295,6 +308,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         tracker.log_metrics({f"eval/{lang}/loss": v for lang, v in result.items()}, step)
         if result:
             tracker.log_metrics({"eval/loss_mean": sum(result.values()) / len(result)}, step)
+        tracker.log_metrics(engine.method.metrics(), step)
         return result
 
     if state.eval_before is None:
@@ -326,6 +340,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         state.step += 1
         state.losses.append(result.loss)
+        state.method_metrics.append(result.metrics)
         tokens = sum(len(data.train[i]) for i in global_batch)
         maybe_fail("train_step", state.step)
         if state.step % t.log_every == 0 or state.step == t.steps:
@@ -360,6 +375,8 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
     if recipe.checkpoint.export:
         export_dir = run_dir / "export"
         export_model(engine, tokenizer, recipe, data.languages, export_dir, ctx)
+        for path in engine.method.artifacts(export_dir):
+            tracker.log_artifact(path, f"method/{recipe.method.name}")
         if recipe.tracking.log_model:
             tracker.log_hf_model(export_dir)
     counts = torch.tensor(engine.param_counts(), dtype=torch.long)
@@ -374,6 +391,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         "param_total": int(counts[1]),
         "param_shards": [int(c[0]) for c in shards],
         "losses": state.losses,
+        "method_metrics": state.method_metrics,
         "eval_before": state.eval_before,
         "eval_after": after,
         "export_dir": str(export_dir) if export_dir else None,

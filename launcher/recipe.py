@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launcher.schema import Recipe
+from launcher.errors import UserError
+from launcher.schema import METHOD_NAMES, Recipe
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot run; the message is meant for the user as it is."""
 
 
@@ -26,10 +27,17 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("function-after", "function-before")]
+    if len(parts) > 1 and parts[0] == "method" and parts[1] in METHOD_NAMES:
+        del parts[1]  # the discriminated union's tag is not part of the user's path
+    return ".".join(parts)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid recipe"]
     for item in err.errors():
-        path = ".".join(str(p) for p in item["loc"] if p not in ("function-after",))
+        path = _field_path(item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown key (not in the schema)"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launcher.errors import UserError, WorkersFailed
 from launcher.recipe import RecipeError, dump_recipe, load_recipe
 from launcher.schema import Recipe
 
@@ -29,6 +29,15 @@ def preflight(recipe: Recipe) -> None:
             if looks_local and not path.exists():
                 raise RecipeError(f"data.{section}.{i}.path: {source.path} does not exist")
     backbone = recipe.model.backbone
+    config_file = Path(backbone).expanduser() / "config.json"
+    if recipe.method.name == "shifcon" and config_file.is_file():
+        layers = json.loads(config_file.read_text()).get("num_hidden_layers")
+        f, b = recipe.method.band
+        if isinstance(layers, int) and not 1 <= f < b <= layers - 1:
+            raise RecipeError(
+                f"method.band: ({f}, {b}) does not fit the {layers}-layer backbone "
+                f"(need 1 <= f < b <= {layers - 1})"
+            )
     looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
     if looks_local and not Path(backbone).expanduser().exists():
         raise RecipeError(f"model.backbone: {backbone} does not exist")
@@ -71,14 +80,28 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(recipe.output_dir) / recipe.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    if recipe.cluster.world_size > 1 and "RANK" not in os.environ:
-        from launcher.local import launch_local_workers
+    from launcher.ray_launch import choose_launcher
 
-        launch_local_workers(recipe, run_dir)
-    else:
-        from launcher.loop import run_training
+    mode = choose_launcher(recipe.cluster)  # a worker already (RANK set), Ray, or local
+    try:
+        if mode == "ray":
+            from launcher.ray_launch import launch_ray_workers
 
-        run_training(recipe, run_dir)
+            launch_ray_workers(recipe, run_dir)
+        elif mode == "local":
+            from launcher.local import launch_local_workers
+
+            launch_local_workers(recipe, run_dir)
+        else:
+            from launcher.loop import run_training
+
+            run_training(recipe, run_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except WorkersFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -94,7 +94,41 @@ class SFTMethod(Section):
     name: Literal["sft"] = "sft"
 
 
-MethodSection = Annotated[SFTMethod, Field(discriminator="name")]
+class PairSource(Section):
+    path: str = Field(
+        "train",
+        description="train: parallel pairs from the training rows (same id, dominant vs other "
+        "language); else a JSONL file/folder of {lang, en, target} rows (e.g. the shared data).",
+    )
+    limit_per_language: PositiveInt | None = None
+    max_length: PositiveInt = 128
+
+
+class ShifConMethod(Section):
+    """ShifCon: shift non-dominant languages into the dominant subspace for layers [f, b)."""
+
+    name: Literal["shifcon"]
+    band: tuple[PositiveInt, PositiveInt] = Field(
+        description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1."
+    )
+    vector_mode: Literal["precompute", "running"] = "precompute"
+    vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
+    alpha: NonNegativeFloat = 0.5
+    beta: NonNegativeFloat = 2.0
+    tau: PositiveFloat = 1.0
+    mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
+    pairs: PairSource = Field(default_factory=PairSource)
+
+    @field_validator("band")
+    @classmethod
+    def _ordered(cls, band: tuple[int, int]) -> tuple[int, int]:
+        if band[0] >= band[1]:
+            raise ValueError(f"need f < b, got f={band[0]}, b={band[1]}")
+        return band
+
+
+MethodSection = Annotated[SFTMethod | ShifConMethod, Field(discriminator="name")]
+METHOD_NAMES = ("sft", "shifcon")
 
 
 class TrainingSection(Section):
@@ -145,6 +179,17 @@ class ClusterSection(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: NonNegativeFloat = 1.0
     max_failures: NonNegativeInt = 0
+    launcher: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="Who starts the workers. auto: Ray Train when a Ray cluster is known "
+        "(RAY_ADDRESS, or inside a Ray job), else the local elastic agent (or this process); "
+        "local: never Ray; ray: always Ray (a local Ray instance when no address is known).",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement-group strategy for the worker bundles (PACK fills a node's "
+        "GPUs before the next node, which keeps ranks of a node contiguous).",
+    )
 
     @property
     def world_size(self) -> int:
@@ -188,9 +233,22 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.match(value.replace("{method}", "m")):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory)")
         return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, value: Any) -> Any:
+        """`method: sft` (or `--set method=sft`) means a method with its defaults."""
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _expand_name(self) -> Recipe:
+        """`{method}` in the name gives each method its own run dir (and MLflow run name)."""
+        if "{method}" in self.name:
+            self.name = self.name.replace("{method}", self.method.name)
+        return self
 
     @property
     def data_parallel_size(self) -> int:

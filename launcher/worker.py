@@ -5,15 +5,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from launcher.errors import UserError
 from launcher.loop import run_training
 from launcher.recipe import load_recipe
 
 
-def main(run_dir: str) -> None:
+def main(run_dir: str) -> int:
     path = Path(run_dir)
-    recipe = load_recipe(path / "recipe.yaml")
-    run_training(recipe, path)
+    try:
+        run_training(load_recipe(path / "recipe.yaml"), path)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1]))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from launcher.errors import UserError
 from launcher.schema import ModelSection
 
 # name -> (python package that ships the file, file name inside the package)
@@ -25,7 +26,7 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone that cannot be found or loaded; the message names `model.backbone`."""
 
 

@@ -6,13 +6,14 @@ a micro-batch, and owns state that travels with checkpoints and exports.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from data.formatting import Batch
+from data.formatting import Batch, Example
 from model.losses import per_sample_lm_loss
 
 
@@ -22,8 +23,20 @@ class Method:
     def attach(self, model: nn.Module) -> None:
         """Inject layers or hooks into the (possibly partitioned) backbone."""
 
+    def prepare(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
+        """One-off work on the wrapped model before the first step of a fresh run."""
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The method's forward (training, evaluation and export parity use the same one)."""
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        loss = lm_loss(self.logits(model, batch), batch)
+        return loss, {"loss_lm": loss.item()}
+
+    def metrics(self) -> dict[str, float]:
+        """Method-specific values worth tracking at evaluation time."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -34,16 +47,15 @@ class Method:
     def export(self, directory: Path) -> None:
         """Write the files that must travel with an exported model."""
 
+    def artifacts(self, export_dir: Path) -> list[Path]:
+        """The method's own files in an export, logged to MLflow on their own as well."""
+        return []
+
 
 class SFT(Method):
     """Supervised fine-tuning: next-token loss on the response tokens."""
 
     name = "sft"
-
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = lm_loss(logits, batch)
-        return loss, {"loss_lm": loss.item()}
 
 
 def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -52,7 +64,18 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return token_sum.sum() / batch.token_normalizer
 
 
-def build_method(recipe, languages: list[str]) -> Method:
+def build_method(recipe, data, tokenizer) -> Method:
     if recipe.method.name == "sft":
         return SFT()
+    if recipe.method.name == "shifcon":
+        from model.shifcon import ShifCon
+
+        return ShifCon(
+            recipe.method,
+            languages=data.languages,
+            tokenizer=tokenizer,
+            train_rows=data.train_rows,
+            seed=recipe.training.seed,
+            on_bad_row=recipe.data.on_bad_row,
+        )
     raise ValueError(f"method.name: no implementation for {recipe.method.name!r}")

@@ -46,6 +46,10 @@ class DeepSpeedEngine(Engine):
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    @property
+    def forward_module(self) -> torch.nn.Module:
+        return self.ds
+
     def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
         if len(micro_batches) != self.ds.gradient_accumulation_steps():
             raise ValueError(
@@ -79,7 +83,7 @@ class DeepSpeedEngine(Engine):
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         self.ds.eval()
         batch = batch.to(self.ctx.torch_device)
-        logits = self.ds(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = self.method.logits(self.ds, batch)
         self.ds.train()
         return logits
 

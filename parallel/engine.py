@@ -33,6 +33,11 @@ class Engine(ABC):
     config: dict[str, Any]  # the engine's own resolved config, logged as an artifact
 
     @property
+    @abstractmethod
+    def forward_module(self) -> torch.nn.Module:
+        """The callable that runs the wrapped model (what methods call in `loss`/`prepare`)."""
+
+    @property
     def dp_rank(self) -> int:
         return self.ctx.rank
 

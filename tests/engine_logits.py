@@ -19,11 +19,18 @@ from launcher.recipe import load_recipe
 def main(run_dir: str, out: str) -> None:
     recipe = load_recipe(Path(run_dir) / "recipe.yaml")
     session = open_session(recipe, Path(run_dir))
-    examples = session.data.eval[:4]
+    # Two samples of every language: the method's forward (e.g. a per-language shift) shows.
+    examples = [e for lang in session.data.languages for e in session.data.eval if e.lang == lang]
+    examples = [e for i, e in enumerate(examples) if i % 2 == 0][:6]
     batch = collate(examples, session.tokenizer.pad_token_id, session.data.languages)
     logits = session.engine.forward_logits(batch)
     torch.save(
-        {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "logits": logits},
+        {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "langs": [session.data.languages[i] for i in batch.lang_ids.tolist()],
+            "logits": logits,
+        },
         out,
     )
 

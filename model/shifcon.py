@@ -1,0 +1,372 @@
+"""ShifCon on a Hugging Face decoder: hooks that shift, capture and truncate, and the method.
+
+The math lives in `model/shifcon_math.py`; this file only decides where it runs. Hooks sit on
+decoder layers f..b and read two call keyword arguments that transformers forwards to every
+decoder layer:
+
+- ``shifcon_lang_ids`` [B]: shift this call (per sample, by language). Because it is an input of
+  the call, activation-checkpoint recomputation sees the same value: the shift is a pure
+  function of the layer's inputs, never of mutable global state.
+- ``shifcon_capture`` {layer: None}: record the unshifted H_layer of these layers.
+
+Without ``shifcon_lang_ids`` a call is unshifted, unless `ShifConHooks.inference_languages`
+sets the languages for a whole `generate` (transformers refuses unknown generate kwargs).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data.formatting import Batch, Example, collate
+from data.pairs import Pair, load_pairs
+from launcher.errors import UserError
+from model.methods import Method, lm_loss
+from model.shifcon_math import (
+    LanguageStats,
+    all_reduce_,
+    check_band,
+    mcl_loss,
+    shift_backward,
+    shift_toward,
+)
+
+LANG_KWARG = "shifcon_lang_ids"
+CAPTURE_KWARG = "shifcon_capture"
+VECTORS_FILE = "shifcon_vectors.safetensors"
+META_FILE = "shifcon.json"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer stack of a Llama-family causal LM (Llama, Qwen2, Mistral, SmolLM)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: no decoder layer stack at .model.layers")
+    return layers
+
+
+@contextmanager
+def truncated(model: nn.Module, upto: int) -> Iterator[None]:
+    """Run only decoder layers 1..upto: transformers loops over layers[:num_hidden_layers]."""
+    config = model.config
+    full = config.num_hidden_layers
+    config.num_hidden_layers = upto
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = full
+
+
+class ShifConHooks:
+    """Shift-toward after layer f, shift-backward after layer b, capture on request."""
+
+    def __init__(self, model: nn.Module, band: tuple[int, int], dominant: int) -> None:
+        self.f, self.b = band
+        check_band(self.f, self.b, model.config.num_hidden_layers)
+        self.dominant = dominant
+        self.vectors: dict[int, torch.Tensor] = {}  # layer -> [K, D] language vectors
+        self.inference_lang_ids: torch.Tensor | None = None
+        layers = decoder_layers(model)
+        self.handles = [
+            layers[layer - 1].register_forward_hook(self._hook(layer), with_kwargs=True)
+            for layer in range(self.f, self.b + 1)
+        ]
+
+    def set_vectors(self, stats: LanguageStats) -> None:
+        """Take v_f and v_b as fresh float32 tensors (never mutated: autograd may hold them)."""
+        self.vectors = {layer: stats.layer_means(layer).float() for layer in (self.f, self.b)}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    @contextmanager
+    def inference_languages(self, lang_ids: torch.Tensor | None) -> Iterator[None]:
+        self.inference_lang_ids = lang_ids
+        try:
+            yield
+        finally:
+            self.inference_lang_ids = None
+
+    def _hook(self, layer: int):
+        def after_layer(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            capture = kwargs.get(CAPTURE_KWARG)
+            if capture is not None and layer in capture:
+                capture[layer] = hidden
+            lang_ids = kwargs.get(LANG_KWARG)
+            if lang_ids is None:
+                lang_ids = self.inference_lang_ids
+            if lang_ids is None or layer not in (self.f, self.b):
+                return None
+            if not self.vectors:
+                raise RuntimeError("ShifCon: language vectors are not computed yet")
+            shift = shift_toward if layer == self.f else shift_backward
+            shifted = shift(hidden, lang_ids, self.vectors[layer].to(hidden.device), self.dominant)
+            return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+        return after_layer
+
+
+def capture_hidden(
+    model: nn.Module, config_owner: nn.Module, batch: Batch, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """Unshifted H_l of `layers`, running no decoder layer above max(layers)."""
+    capture: dict[int, torch.Tensor | None] = dict.fromkeys(layers)
+    with truncated(config_owner, max(layers)):
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            logits_to_keep=1,
+            **{CAPTURE_KWARG: capture},
+        )
+    missing = [layer for layer, h in capture.items() if h is None]
+    if missing:
+        raise RuntimeError(f"ShifCon: layers {missing} produced no hidden states")
+    return capture  # type: ignore[return-value]
+
+
+def pad_pairs(
+    pairs: Sequence[Pair], tokenizer, max_length: int, lang_index: dict[str, int], dominant: int
+) -> tuple[Batch, torch.Tensor]:
+    """One batch: the dominant-language sentences (rows 0..B-1), then their targets."""
+    texts = [p.en for p in pairs] + [p.target for p in pairs]
+    examples = [
+        Example(ids, ids, "", "")
+        for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    ]
+    batch = collate(examples, tokenizer.pad_token_id, [""])
+    lang_ids = torch.tensor(
+        [dominant] * len(pairs) + [lang_index[p.lang] for p in pairs], dtype=torch.long
+    )
+    return batch, lang_ids
+
+
+class ShifCon(Method):
+    name = "shifcon"
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        languages: Sequence[str],
+        tokenizer,
+        train_rows: Sequence[dict],
+        seed: int,
+        on_bad_row: str = "error",
+    ) -> None:
+        self.cfg = cfg
+        self.languages = list(languages)
+        self.lang_index = {lang: i for i, lang in enumerate(self.languages)}
+        self.dominant = 0  # the run's language list puts the dominant language first
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.pairs = load_pairs(
+            cfg.pairs.path,
+            train_rows=train_rows,
+            dominant=self.languages[0],
+            languages=self.languages,
+            limit_per_language=cfg.pairs.limit_per_language,
+            on_bad_row=on_bad_row,
+        )
+        f, b = cfg.band
+        # Vectors of every layer the method touches: f..b (shift at f and b, MCL fallback
+        # for [f, b)). A pipeline stage would keep only its own layers' rows.
+        self.layers = list(range(f, b + 1))
+        self.stats: LanguageStats | None = None
+        self.calls = 0  # contrastive batches drawn so far (resumable pair order)
+        self.hooks: ShifConHooks | None = None
+        self.config_owner: nn.Module | None = None
+        self.device = torch.device("cpu")
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        try:
+            self.hooks = ShifConHooks(model, self.cfg.band, self.dominant)
+        except ValueError as exc:
+            raise UserError(f"method.band: {exc}") from None
+        self.config_owner = model
+        # Stats live where the collectives run (NCCL reduces CUDA tensors only).
+        self.device = next(model.parameters()).device
+
+    def _capture_depth(self) -> int:
+        """MCL needs H_f..H_{b-1}; running vectors also need H_b (one more layer)."""
+        return self.cfg.band[1] if self.cfg.vector_mode == "running" else self.cfg.band[1] - 1
+
+    # -- language vectors -----------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
+        """Precompute the vectors: N samples per language through the frozen model, each rank
+        a share, one all-reduce. Every rank runs the same number of forwards (ZeRO-3 gathers
+        are collectives); a rank short of work repeats a batch and discards it."""
+        rank, world = _rank_world()
+        per_lang: dict[str, list[Example]] = {lang: [] for lang in self.languages}
+        for ex in examples:
+            if len(per_lang[ex.lang]) < self.cfg.vector_samples:
+                per_lang[ex.lang].append(ex)
+        empty = [lang for lang, exs in per_lang.items() if not exs]
+        if empty:
+            raise UserError(f"method.vector_samples: no training samples for {empty}")
+        chosen = [ex for lang in self.languages for ex in per_lang[lang]]
+        batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+        mine = batches[rank::world]
+        rounds = -(-len(batches) // world)
+        hidden = self.config_owner.config.hidden_size
+        stats = LanguageStats.zeros(self.languages, self.layers, hidden, device=self.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for r in range(rounds):
+                group = mine[r] if r < len(mine) else batches[0]
+                batch = collate(group, self.tokenizer.pad_token_id, self.languages)
+                batch = batch.to(_device_of(model))
+                captured = capture_hidden(model, self.config_owner, batch, self.layers)
+                if r < len(mine):
+                    for layer, h in captured.items():
+                        stats.update(layer, h, batch.attention_mask, batch.lang_ids)
+        model.train(was_training)
+        self.stats = all_reduce_(stats)
+        self.hooks.set_vectors(self.stats)
+
+    def metrics(self) -> dict[str, float]:
+        return self.shift_norms() if self.stats is not None else {}
+
+    def shift_norms(self) -> dict[str, float]:
+        """||v_en - v_X|| per language and boundary: how far the shift moves the stream."""
+        out = {}
+        for layer in (self.cfg.band[0], self.cfg.band[1]):
+            v = self.stats.layer_means(layer)
+            for i, lang in enumerate(self.languages[1:], start=1):
+                out[f"shifcon/shift_norm/{lang}/L{layer}"] = float((v[0] - v[i]).norm())
+        return out
+
+    # -- training -------------------------------------------------------------------------
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            **{LANG_KWARG: batch.lang_ids},
+        ).logits
+
+    def _pair_batch(self) -> list[Pair]:
+        rank, world = _rank_world()
+        rng = random.Random(self.seed * 1_000_003 + self.calls * world + rank)
+        self.calls += 1
+        size = min(self.cfg.mcl_batch_size, len(self.pairs))
+        return [self.pairs[i] for i in rng.sample(range(len(self.pairs)), size)]
+
+    def contrastive(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """MCL over [f, b) on a fresh pair batch; updates running vectors when asked."""
+        f, b = self.cfg.band
+        pairs = self._pair_batch()
+        batch, lang_ids = pad_pairs(
+            pairs, self.tokenizer, self.cfg.pairs.max_length, self.lang_index, self.dominant
+        )
+        batch = batch.to(_device_of(model))
+        captured = capture_hidden(
+            model, self.config_owner, batch, list(range(f, self._capture_depth() + 1))
+        )
+        n = len(pairs)
+        mask = batch.attention_mask
+        means = self.stats.means()
+        band_rows = [self.stats.layer_index(layer) for layer in range(f, b)]
+        loss, per_layer = mcl_loss(
+            [captured[layer][:n] for layer in range(f, b)],
+            [captured[layer][n:] for layer in range(f, b)],
+            mask[:n],
+            mask[n:],
+            lang_ids[n:].to(mask.device),
+            means[self.dominant, band_rows].float(),
+            means[:, band_rows].float(),
+            tau=self.cfg.tau,
+        )
+        if self.cfg.vector_mode == "running":
+            delta = self.stats.zeros_like()
+            for layer in self.layers:
+                delta.update(layer, captured[layer], mask, lang_ids)
+            self.stats.add_(all_reduce_(delta))  # one fused all-reduce per update
+            self.hooks.set_vectors(self.stats)
+        return loss, per_layer
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        lm = lm_loss(self.logits(model, batch), batch)
+        mcl, per_layer = self.contrastive(model)
+        total = self.cfg.alpha * lm + self.cfg.beta * mcl
+        f = self.cfg.band[0]
+        metrics = {"loss_lm": lm.item(), "loss_mcl": mcl.item()}
+        metrics.update({f"loss_mcl/L{f + j}": v.item() for j, v in enumerate(per_layer)})
+        return total, metrics
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "stats": self.stats.state_dict() if self.stats else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = state.get("calls", 0)
+        if state.get("stats") is not None:
+            self.stats = LanguageStats.from_state_dict(state["stats"], device=self.device)
+            self.hooks.set_vectors(self.stats)
+
+    def export(self, directory: Path) -> None:
+        save_shifcon(directory, self.stats, self.cfg.band, self.cfg.vector_mode)
+
+    def artifacts(self, export_dir: Path) -> list[Path]:
+        return [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
+
+
+def save_shifcon(directory: Path, stats: LanguageStats, band, vector_mode: str) -> None:
+    """The vectors that travel with a model: see README, "ShifCon export format"."""
+    save_file(
+        {
+            "vectors": stats.means().float().cpu().contiguous(),
+            "counts": stats.counts.cpu().contiguous(),
+        },
+        str(Path(directory) / VECTORS_FILE),
+    )
+    meta = {
+        "format": 1,
+        "languages": stats.languages,
+        "dominant": stats.languages[0],
+        "layers": stats.layers,
+        "band": list(band),
+        "vector_mode": vector_mode,
+    }
+    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_shifcon(directory: Path) -> tuple[dict[str, Any], LanguageStats]:
+    meta = json.loads((Path(directory) / META_FILE).read_text())
+    tensors = load_file(str(Path(directory) / VECTORS_FILE))
+    counts = tensors["counts"].double()
+    stats = LanguageStats(
+        languages=meta["languages"],
+        layers=meta["layers"],
+        sums=tensors["vectors"].double() * counts.unsqueeze(-1),
+        counts=counts,
+    )
+    return meta, stats
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
