@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.polyshift-installed
 RECIPE ?= recipes/demo_smollm2.yaml
+RECIPE_ARGS ?=
 
 .PHONY: setup demo test lint format clean
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) launcher/run.py $(RECIPE)
+	$(PY) launcher/run.py $(RECIPE) $(RECIPE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -34,6 +34,7 @@ from model.shifcon_math import (
     LanguageStats,
     all_reduce_,
     check_band,
+    combine_losses,
     mcl_loss,
     shift_backward,
     shift_toward,
@@ -302,7 +303,7 @@ class ShifCon(Method):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         lm = lm_loss(self.logits(model, batch), batch)
         mcl, per_layer = self.contrastive(model)
-        total = self.cfg.alpha * lm + self.cfg.beta * mcl
+        total = combine_losses(lm, mcl, self.cfg.alpha, self.cfg.beta)
         f = self.cfg.band[0]
         metrics = {"loss_lm": lm.item(), "loss_mcl": mcl.item()}
         metrics.update({f"loss_mcl/L{f + j}": v.item() for j, v in enumerate(per_layer)})

@@ -28,7 +28,6 @@ __all__ = [
     "check_band",
     "combine_losses",
     "language_stat_update",
-    "lm_loss",
     "mcl_loss",
     "sentence_embedding",
     "shift_backward",
@@ -377,22 +376,6 @@ def mcl_loss(
         losses.append(0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)))
     per_layer = torch.stack(losses)
     return per_layer.mean(), per_layer
-
-
-def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Token-mean next-token cross entropy; ``labels`` are aligned to inputs, shifted here.
-
-    Computed in float32; a batch with no supervised token gives 0 instead of NaN.
-    """
-    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"need logits [B,T,V] and labels [B,T], got {logits.shape}, {labels.shape}"
-        )
-    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    target = labels[:, 1:].reshape(-1).to(pred.device)
-    total = F.cross_entropy(pred, target, ignore_index=ignore_index, reduction="sum")
-    n_tokens = (target != ignore_index).sum().clamp(min=1)
-    return total / n_tokens
 
 
 def combine_losses(lm: Tensor, mcl: Tensor | None, alpha: float = 0.5, beta: float = 2.0) -> Tensor:

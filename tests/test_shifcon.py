@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from launcher.schema import DataSection, DataSource, ShifConMethod
 from model.shifcon import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
 from model.shifcon_infer import ShiftedLM
 from model.shifcon_math import LanguageStats
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import ROOT
 from tests.test_training import summary, train, weights
 
 LANGS = ["en", "fr", "sw"]
@@ -95,7 +94,9 @@ def test_truncated_contrastive_forward(tiny):
         )
     with torch.no_grad():
         full = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
         ).hidden_states
     calls.update(dict.fromkeys(calls, 0))
     method = _method(data, tokenizer, band=[2, 3])
@@ -123,15 +124,15 @@ def test_truncated_contrastive_forward(tiny):
 
 
 def test_bad_band_and_missing_pairs_fail_cleanly(tmp_path, tiny_model_dir):
-    proc, run = train(
-        tmp_path, tiny_model_dir, "badband", "method={name: shifcon, band: [2, 4]}"
-    )
+    proc, run = train(tmp_path, tiny_model_dir, "badband", "method={name: shifcon, band: [2, 4]}")
     assert proc.returncode == 2 and "method.band: (2, 4) does not fit the 4-layer" in proc.stderr
     assert not run.exists()
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"lang": "fr", "en": "Hello.", "target": "Bonjour."}) + "\n")
     proc, _ = train(
-        tmp_path, tiny_model_dir, "nopairs",
+        tmp_path,
+        tiny_model_dir,
+        "nopairs",
         f"method={{name: shifcon, band: [1, 3], pairs: {{path: {pairs}}}}}",
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -143,8 +144,12 @@ def test_two_process_shifcon_zero3(tmp_path, tiny):
     """Both losses fall, and the all-reduced vectors equal one process's over the union."""
     path, tokenizer, data = tiny
     proc, run = train(
-        tmp_path, path, "shifcon_dp2", f"method={json.dumps(SHIFCON)}",
-        "cluster.workers_per_node=2", "training.steps=8",
+        tmp_path,
+        path,
+        "shifcon_dp2",
+        f"method={json.dumps(SHIFCON)}",
+        "cluster.workers_per_node=2",
+        "training.steps=8",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = summary(run)["method_metrics"]
@@ -186,7 +191,9 @@ def test_resume_with_running_vectors_is_identical(tmp_path, tiny_model_dir, runn
         assert torch.equal(weights(run)[key], value), key
     ours = load_file(run / "export" / "shifcon_vectors.safetensors")
     ref = load_file(straight / "export" / "shifcon_vectors.safetensors")
-    assert torch.equal(ours["counts"], ref["counts"]) and torch.equal(ours["vectors"], ref["vectors"])
+    assert torch.equal(ours["counts"], ref["counts"]) and torch.equal(
+        ours["vectors"], ref["vectors"]
+    )
     # Running vectors really moved: more tokens than the precompute pass alone.
     assert float(ours["counts"].sum()) > 0
 
@@ -197,7 +204,11 @@ def test_export_shift_off_is_plain_model_and_on_is_training_engine(tmp_path, run
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_logits", str(run), str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = torch.load(out)

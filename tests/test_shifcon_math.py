@@ -20,7 +20,6 @@ from model.shifcon_math import (
     check_band,
     combine_losses,
     language_stat_update,
-    lm_loss,
     mcl_loss,
     sentence_embedding,
     shift_backward,
@@ -413,19 +412,6 @@ def test_mcl_tau_scales_logits() -> None:
 
 
 # --------------------------------------------------------------------------- LM, combine, band
-
-
-def test_lm_loss_shifts_and_ignores() -> None:
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 11, generator=g)
-    labels = torch.randint(0, 11, (2, 5), generator=g)
-    labels[1, 3:] = -100
-    expected = F.cross_entropy(
-        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
-    torch.testing.assert_close(lm_loss(logits, labels), expected)
-    assert lm_loss(logits, torch.full_like(labels, -100)).item() == 0.0
-    assert lm_loss(logits.to(torch.bfloat16), labels).dtype == torch.float32
 
 
 def test_combine_losses_defaults() -> None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -23,62 +18,15 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from launcher.tracking import HTTP_DEFAULTS, Tracker, flatten, sanitize_key
+from parallel.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "polyshift-tests"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """The server forks a uvicorn worker; only killing its whole session leaves nothing behind."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever ignored SIGTERM or outlived the parent
-    proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner pool
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-3000:])
-                try:
-                    with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server not healthy after 60 s")
-                time.sleep(0.25)
-            yield uri
-        finally:
-            _stop_group(proc)
+def server(mlflow_server: str) -> str:
+    return mlflow_server
 
 
 @pytest.fixture(autouse=True)
@@ -275,7 +223,7 @@ def test_resume_continues_the_same_run(server: str, tmp_path: Path) -> None:
 
 def test_unreachable_server_warns_once(tmp_path: Path, capfd, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's choice is kept
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with _tracker(uri, tmp_path, log_system_metrics=True) as tracker:
         assert tracker.start(params={"a": {"b": 1}}) is None

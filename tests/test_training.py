@@ -99,7 +99,11 @@ def test_export_loads_in_plain_transformers_with_engine_logits(tmp_path, straigh
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_logits", str(straight_run), str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = torch.load(out)
@@ -129,3 +133,52 @@ def test_accumulation_and_checkpointing_match_one_big_batch(tmp_path, tiny_model
     wa, wb = weights(runs["big"]), weights(runs["accum_ckpt"])
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_worker_run_is_tracked_from_rank0_only(tmp_path, tiny_model_dir, mlflow_server):
+    from mlflow import MlflowClient
+
+    tracking = {
+        "enabled": True,
+        "tracking_uri": mlflow_server,
+        "experiment": "training-e2e",
+        "registered_model_name": "tiny-e2e",
+    }
+    env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    proc, run = train(
+        tmp_path,
+        tiny_model_dir,
+        "tracked",
+        "cluster.workers_per_node=2",
+        "training.steps=4",
+        "checkpoint.every=2",
+        env=env,
+        tracking=tracking,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("training-e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # one run for the job: rank 1 never opened its own
+    mlrun = runs[0]
+    assert mlrun.info.run_id == json.loads((run / "run.json").read_text())["mlflow_run_id"]
+    params = mlrun.data.params
+    assert params["training.steps"] == "4" and params["cluster.workers_per_node"] == "2"
+    assert params["method.name"] == "sft"
+    history = client.get_metric_history(mlrun.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]  # each step logged once
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "eval/en/loss",
+        "eval/sw/loss",
+    ):
+        assert key in mlrun.data.metrics, key
+    assert any(key.startswith("system/") for key in mlrun.data.metrics)
+    assert mlrun.data.tags["checkpoint.latest"].endswith("step_00000004")
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"recipe.yaml", "engine_config.json", "eval"} <= artifacts
+    versions = client.search_model_versions("name='tiny-e2e'")
+    assert len(versions) == 1 and versions[0].run_id == mlrun.info.run_id
