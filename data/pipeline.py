@@ -21,10 +21,12 @@ class RunData:
     reports: list[LoadReport] = field(default_factory=list)
     dropped_too_long: int = 0
 
-    def summary(self) -> dict[str, dict[str, int]]:
+    def summary(self) -> dict[str, dict]:
         return {
             "train": dict(sorted(Counter(e.lang for e in self.train).items())),
             "eval": dict(sorted(Counter(e.lang for e in self.eval).items())),
+            "skipped_rows": {r.source: r.reasons for r in self.reports if r.skipped},
+            "dropped_too_long": self.dropped_too_long,
         }
 
 

@@ -226,7 +226,7 @@ def open_session(recipe: Recipe, run_dir: Path) -> Session:
     backbone = resolve_backbone(recipe.model)
     tokenizer = load_tokenizer(backbone, recipe.model)
     data = build_run_data(recipe.data, tokenizer)
-    _log(ctx, f"data: {json.dumps(data.summary())}; dropped (too long): {data.dropped_too_long}")
+    _log(ctx, f"data: {json.dumps(data.summary(), ensure_ascii=False)}")
     method = build_method(recipe, data, tokenizer)
     store = CheckpointStore(run_dir / "checkpoints", recipe.checkpoint.keep_last)
     tag = store.latest() if recipe.checkpoint.resume else None
@@ -271,6 +271,10 @@ def run_training(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         )
         if session.ctx.is_rank0 and run_id and known_run is None:
             run_info.write_text(json.dumps({"mlflow_run_id": run_id}))
+        method_tags = getattr(session.engine.method, "run_tags", dict)()  # e.g. shifcon.band
+        tracker.log_params(method_tags)
+        for key, value in method_tags.items():
+            tracker.set_tag(key, value)
         if known_run is None:
             tracker.log_text(dump_recipe(recipe), "recipe.yaml")
             tracker.log_dict(session.engine.config, "engine_config.json")

@@ -75,6 +75,7 @@ class ShifConHooks:
         check_band(self.f, self.b, model.config.num_hidden_layers)
         self.dominant = dominant
         self.vectors: dict[int, torch.Tensor] = {}  # layer -> [K, D] language vectors
+        self.languages: list[str] = []
         self.inference_lang_ids: torch.Tensor | None = None
         layers = decoder_layers(model)
         self.handles = [
@@ -84,6 +85,7 @@ class ShifConHooks:
 
     def set_vectors(self, stats: LanguageStats) -> None:
         """Take v_f and v_b as fresh float32 tensors (never mutated: autograd may hold them)."""
+        self.languages = list(stats.languages)
         self.vectors = {layer: stats.layer_means(layer).float() for layer in (self.f, self.b)}
 
     def remove(self) -> None:
@@ -109,6 +111,8 @@ class ShifConHooks:
                 lang_ids = self.inference_lang_ids
             if lang_ids is None or layer not in (self.f, self.b):
                 return None
+            if lang_ids.dim() == 0:  # one language for the whole call (e.g. a benchmark split)
+                lang_ids = lang_ids.expand(hidden.shape[0])
             if not self.vectors:
                 raise RuntimeError("ShifCon: language vectors are not computed yet")
             shift = shift_toward if layer == self.f else shift_backward
@@ -179,10 +183,12 @@ class ShifCon(Method):
             limit_per_language=cfg.pairs.limit_per_language,
             on_bad_row=on_bad_row,
         )
-        f, b = cfg.band
+        # band: auto is chosen by the layer probe in `prepare` (or restored from a checkpoint).
+        self.band: tuple[int, int] | None = None if cfg.band == "auto" else tuple(cfg.band)
         # Vectors of every layer the method touches: f..b (shift at f and b, MCL fallback
         # for [f, b)). A pipeline stage would keep only its own layers' rows.
-        self.layers = list(range(f, b + 1))
+        self.layers: list[int] = []
+        self.probe_result = None  # ProbeResult when the band was chosen by the probe
         self.stats: LanguageStats | None = None
         self.calls = 0  # contrastive batches drawn so far (resumable pair order)
         self.hooks: ShifConHooks | None = None
@@ -192,17 +198,55 @@ class ShifCon(Method):
     # -- wiring ---------------------------------------------------------------------------
 
     def attach(self, model: nn.Module) -> None:
-        try:
-            self.hooks = ShifConHooks(model, self.cfg.band, self.dominant)
-        except ValueError as exc:
-            raise UserError(f"method.band: {exc}") from None
         self.config_owner = model
         # Stats live where the collectives run (NCCL reduces CUDA tensors only).
         self.device = next(model.parameters()).device
+        if self.band is not None:
+            self._set_band(self.band)
+
+    def _set_band(self, band: tuple[int, int]) -> None:
+        """Fix the band and hook layers f..b (hooks may be added after the engine wraps)."""
+        try:
+            self.hooks = ShifConHooks(self.config_owner, tuple(band), self.dominant)
+        except ValueError as exc:
+            raise UserError(f"method.band: {exc}") from None
+        self.band = (int(band[0]), int(band[1]))
+        self.layers = list(range(self.band[0], self.band[1] + 1))
+
+    def run_tags(self) -> dict[str, str]:
+        """Tags and params the loop logs to MLflow once the method is prepared."""
+        return {"shifcon.band": f"{self.band[0]},{self.band[1]}"} if self.band else {}
+
+    def _probe(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
+        """band: auto: run the layer probe on the training samples and pairs through the
+        engine's forward module (every rank the same number of forwards), then set the band."""
+        from model.probe import build_inputs, run_probe
+
+        n = self.cfg.probe_samples
+        samples = [(ex.lang, ex.input_ids) for ex in examples]
+        tok = self.tokenizer
+        limit = self.cfg.pairs.max_length
+        taken: dict[str, int] = {}
+        pairs = []
+        for p in self.pairs:  # tokenise only the pairs the probe uses
+            if taken.get(p.lang, 0) < n:
+                taken[p.lang] = taken.get(p.lang, 0) + 1
+                ids = tok([p.en, p.target], truncation=True, max_length=limit)["input_ids"]
+                pairs.append((p.lang, ids[0], ids[1]))
+        try:
+            inputs = build_inputs(self.languages, samples, pairs, n)
+        except ValueError as exc:
+            raise UserError(f"method.band: auto: {exc}") from None
+        result = run_probe(model, inputs, batch_size=batch_size, tolerance=self.cfg.probe_tolerance)
+        self.probe_result = result
+        self._set_band(result.band)
+        if _rank_world()[0] == 0:
+            curve = ", ".join(f"{d:.3f}" for d in result.mean_distance)
+            print(f"shifcon: band auto -> {list(self.band)} (mean distance per layer: {curve})")
 
     def _capture_depth(self) -> int:
         """MCL needs H_f..H_{b-1}; running vectors also need H_b (one more layer)."""
-        return self.cfg.band[1] if self.cfg.vector_mode == "running" else self.cfg.band[1] - 1
+        return self.band[1] if self.cfg.vector_mode == "running" else self.band[1] - 1
 
     # -- language vectors -----------------------------------------------------------------
 
@@ -210,6 +254,8 @@ class ShifCon(Method):
         """Precompute the vectors: N samples per language through the frozen model, each rank
         a share, one all-reduce. Every rank runs the same number of forwards (ZeRO-3 gathers
         are collectives); a rank short of work repeats a batch and discards it."""
+        if self.band is None:
+            self._probe(model, examples, batch_size)
         rank, world = _rank_world()
         per_lang: dict[str, list[Example]] = {lang: [] for lang in self.languages}
         for ex in examples:
@@ -245,7 +291,7 @@ class ShifCon(Method):
     def shift_norms(self) -> dict[str, float]:
         """||v_en - v_X|| per language and boundary: how far the shift moves the stream."""
         out = {}
-        for layer in (self.cfg.band[0], self.cfg.band[1]):
+        for layer in self.band:
             v = self.stats.layer_means(layer)
             for i, lang in enumerate(self.languages[1:], start=1):
                 out[f"shifcon/shift_norm/{lang}/L{layer}"] = float((v[0] - v[i]).norm())
@@ -269,7 +315,7 @@ class ShifCon(Method):
 
     def contrastive(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """MCL over [f, b) on a fresh pair batch; updates running vectors when asked."""
-        f, b = self.cfg.band
+        f, b = self.band
         pairs = self._pair_batch()
         batch, lang_ids = pad_pairs(
             pairs, self.tokenizer, self.cfg.pairs.max_length, self.lang_index, self.dominant
@@ -304,7 +350,7 @@ class ShifCon(Method):
         lm = lm_loss(self.logits(model, batch), batch)
         mcl, per_layer = self.contrastive(model)
         total = combine_losses(lm, mcl, self.cfg.alpha, self.cfg.beta)
-        f = self.cfg.band[0]
+        f = self.band[0]
         metrics = {"loss_lm": lm.item(), "loss_mcl": mcl.item()}
         metrics.update({f"loss_mcl/L{f + j}": v.item() for j, v in enumerate(per_layer)})
         return total, metrics
@@ -312,19 +358,31 @@ class ShifCon(Method):
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "stats": self.stats.state_dict() if self.stats else None}
+        return {
+            "calls": self.calls,
+            "stats": self.stats.state_dict() if self.stats else None,
+            "band": list(self.band) if self.band else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state.get("calls", 0)
+        if self.band is None and state.get("band") is not None:
+            self._set_band(tuple(state["band"]))
         if state.get("stats") is not None:
             self.stats = LanguageStats.from_state_dict(state["stats"], device=self.device)
             self.hooks.set_vectors(self.stats)
 
     def export(self, directory: Path) -> None:
-        save_shifcon(directory, self.stats, self.cfg.band, self.cfg.vector_mode)
+        save_shifcon(directory, self.stats, self.band, self.cfg.vector_mode)
+        if self.probe_result is not None:
+            self.probe_result.save(directory)
 
     def artifacts(self, export_dir: Path) -> list[Path]:
-        return [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
+        from model.probe import PLOT_FILE, PROBE_FILE
+
+        files = [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
+        extra = [Path(export_dir) / PROBE_FILE, Path(export_dir) / PLOT_FILE]
+        return files + [p for p in extra if p.is_file()]
 
 
 def save_shifcon(directory: Path, stats: LanguageStats, band, vector_mode: str) -> None:

@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from parallel.distributed import free_port
 from tests.tiny import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny models run fastest on one thread, and the suite's processes share 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # Tests never reach a hub, and never write into the user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

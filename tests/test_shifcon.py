@@ -247,3 +247,19 @@ def test_generation_shifts_every_position(tiny):
     assert torch.equal(cached, manual)
     step = torch.ones_like(manual)
     assert not torch.equal(lm.logits(manual, step, ["sw"]), lm.logits(manual, step, None))
+
+
+def test_eval_harness_scores_a_shifcon_export_with_its_shift(running_straight):
+    from eval.run import shifcon_hooks
+    from eval.scorer import HFScorer, load_model
+    from eval.tasks import evaluate_perplexity
+
+    export = running_straight[0] / "export"
+    texts = {"en": ["Hello there, my friend."], "sw": ["Habari ya asubuhi, rafiki yangu."]}
+    model, tokenizer = load_model(export)
+    plain = evaluate_perplexity(HFScorer(model, tokenizer), texts)
+    shifted = evaluate_perplexity(
+        HFScorer(model, tokenizer, shift=shifcon_hooks(model, export)), texts
+    )
+    assert shifted.per_language["en"] == plain.per_language["en"]  # English is never shifted
+    assert shifted.per_language["sw"] != plain.per_language["sw"]

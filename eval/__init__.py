@@ -1,0 +1,23 @@
+"""Evaluation harness: benchmarks (XCOPA, MGSM, bitext retrieval, perplexity) over a `Scorer`.
+
+The tasks only talk to a :class:`eval.scorer.Scorer` (log-likelihoods, greedy generation,
+pooled hidden states), so the same task code runs on an exported Hugging Face model
+(:class:`eval.scorer.HFScorer`) and, later, on a training engine's partitioned model.
+
+CLI: ``python -m eval.run --model DIR --tasks xcopa,mgsm,bitext,ppl --languages sw,zh``.
+"""
+
+from eval.answers import extract_number, numbers_match
+from eval.benchmarks import BenchmarkError
+from eval.scorer import HFScorer, LoglikelihoodResult, Scorer
+from eval.tasks import TaskResult
+
+__all__ = [
+    "BenchmarkError",
+    "HFScorer",
+    "LoglikelihoodResult",
+    "Scorer",
+    "TaskResult",
+    "extract_number",
+    "numbers_match",
+]

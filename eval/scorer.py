@@ -1,0 +1,333 @@
+"""The scoring interface every benchmark talks to, and its Hugging Face implementation.
+
+Tasks never touch a model directly: they ask a :class:`Scorer` for conditional
+log-likelihoods, greedy generations or mean-pooled hidden states. ``HFScorer`` implements it
+for a plain ``transformers`` causal LM (an exported run or a backbone); a training engine can
+implement the same three methods for a partitioned (ZeRO-3 / TP / PP) model later, and every
+task works unchanged.
+
+Batching: scoring pads on the right (positions stay 0..n-1, and the scored slice of each row
+is read at its own offsets); generation pads on the left, so that every row's next token is
+read at the last column. Requests are sorted by length inside the scorer to keep padding low;
+results come back in request order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from data.formatting import chat_prompt_ids
+
+
+@dataclass(frozen=True)
+class LoglikelihoodResult:
+    """log p(continuation | context) summed over the continuation's tokens."""
+
+    logprob: float
+    num_tokens: int
+    greedy: bool  # every continuation token was the model's argmax
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What a benchmark needs from a model; implement it for any engine."""
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
+        """Score each (context, continuation); an empty context scores the whole text."""
+        ...
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions of user prompts (chat-formatted when the model has a template)."""
+        ...
+
+    def hidden_states(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[N, L+1, D]`` float32: each layer's output mean-pooled over the text's tokens
+        (index 0 = embeddings, l = output of decoder layer l)."""
+        ...
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, content on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, content on the right (for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def continuation_logprob(
+    logits: torch.Tensor, full: Sequence[int], n_cont: int
+) -> LoglikelihoodResult:
+    """Score the last ``n_cont`` tokens of ``full`` from the logits ``[T, V]`` of ``full[:-1]``
+    (row ``t`` predicts token ``t + 1``; padding after ``len(full) - 1`` is never read)."""
+    if n_cont == 0:
+        return LoglikelihoodResult(0.0, 0, True)
+    start = len(full) - 1 - n_cont
+    row_logits = logits[start : len(full) - 1].float()
+    logprobs = torch.log_softmax(row_logits, dim=-1)
+    target = torch.tensor(list(full[-n_cont:]), device=logprobs.device)
+    picked = logprobs.gather(1, target[:, None]).squeeze(1)
+    greedy = bool((row_logits.argmax(dim=-1) == target).all())
+    return LoglikelihoodResult(float(picked.sum()), n_cont, greedy)
+
+
+def _ids(encoded: Any) -> list[int]:
+    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    return [list(order[i : i + size]) for i in range(0, len(order), size)]
+
+
+def speaking(scorer: Any, lang: str) -> AbstractContextManager[None]:
+    """Tell a scorer which language it is scoring, for models whose forward depends on it
+    (a ShifCon export shifts each language by its own vectors); a no-op for the others."""
+    context = getattr(scorer, "language", None)
+    return context(lang) if context is not None else nullcontext()
+
+
+class HFScorer:
+    """:class:`Scorer` over a ``transformers`` causal LM and its tokenizer (single process).
+
+    ``chat``: format generation prompts with the tokenizer's chat template (the format the
+    training pipeline uses, ``data.formatting.chat_prompt_ids``); log-likelihood and hidden
+    states always score raw text, as multiple-choice benchmarks are defined on raw text.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 8,
+        chat: bool = True,
+        system_prompt: str | None = None,
+        max_length: int | None = None,
+        shift: Any = None,
+    ) -> None:
+        """``shift``: the `ShifConHooks` of a ShifCon export; `language` then shifts each
+        benchmark language by its vectors (languages without vectors stay unshifted)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
+        self.system_prompt = system_prompt
+        config_max = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_length = max_length or int(config_max)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.shift = shift
+
+    @contextmanager
+    def language(self, lang: str) -> Iterator[None]:
+        if self.shift is None or lang not in self.shift.languages:
+            yield
+            return
+        with self.shift.inference_languages(torch.tensor(self.shift.languages.index(lang))):
+            yield
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    # -- tokenisation --------------------------------------------------------------------------
+
+    def prefix_ids(self) -> list[int]:
+        """What scores the first token of a context-free text: BOS, else EOS as a separator."""
+        for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if token is not None:
+                return [int(token)]
+        return []
+
+    def encode_text(self, text: str) -> list[int]:
+        return _ids(self.tokenizer(text, add_special_tokens=True))
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids whose concatenation is how the full text tokenises.
+
+        Encoding the joined text and splitting it at the context's length keeps merges across
+        the boundary as the model would see them; when the context's tokens are not a prefix of
+        the full text's, the two parts are encoded separately and concatenated.
+        """
+        if not continuation:
+            raise ValueError("empty continuation: nothing to score")
+        if not context:
+            ctx = self.prefix_ids()
+            cont = _ids(self.tokenizer(continuation, add_special_tokens=False))
+            if not ctx:  # no BOS/EOS: the first token conditions the rest
+                ctx, cont = cont[:1], cont[1:]
+            return ctx, cont
+        ctx = self.encode_text(context)
+        full = self.encode_text(context + continuation)
+        if full[: len(ctx)] == ctx and len(full) > len(ctx):
+            return ctx, full[len(ctx) :]
+        return ctx, _ids(self.tokenizer(continuation, add_special_tokens=False))
+
+    def encode_request(self, context: str, continuation: str) -> tuple[list[int], int]:
+        """(full ids, number of continuation tokens), cut on the left to fit ``max_length``."""
+        ctx, cont = self.encode_pair(context, continuation)
+        full = (ctx + cont)[-(self.max_length + 1) :]  # the last token is only ever a target
+        return full, min(len(cont), len(full) - 1)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Generation prompt ids: chat template with the assistant turn opened, or raw text."""
+        if self.chat:
+            return chat_prompt_ids(self.tokenizer, prompt, self.system_prompt)
+        return self.encode_text(prompt)
+
+    # -- Scorer --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
+        encoded = [self.encode_request(context, cont) for context, cont in requests]
+        results: list[LoglikelihoodResult | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        for chunk in _batches(order, self.batch_size):
+            inputs = [encoded[i][0][:-1] for i in chunk]
+            ids, mask = right_pad(inputs, self.pad_id)
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits
+            for row, i in enumerate(chunk):
+                full, n_cont = encoded[i]
+                results[i] = continuation_logprob(logits[row], full, n_cont)
+        return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy decoding; ``stop`` cuts each text at the first stop string (post hoc)."""
+        encoded = [self.prompt_ids(p) for p in prompts]
+        texts: list[str] = [""] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        for chunk in _batches(order, self.batch_size):
+            ids, mask = left_pad([encoded[i] for i in chunk], self.pad_id)
+            new = self.generate_ids(ids, mask, max_new_tokens)
+            for row, i in enumerate(chunk):
+                texts[i] = _cut(self.decode(new[row]), stop)
+        return texts
+
+    def generate_ids(
+        self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **kwargs: Any
+    ) -> torch.Tensor:
+        """Greedy continuation ids ``[B, <= max_new_tokens]`` of a left-padded batch
+        (``kwargs`` go to ``generate``, e.g. a prefilled ``past_key_values``)."""
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            **kwargs,
+        )
+        return out[:, ids.shape[1] :].cpu()
+
+    def decode(self, new_ids: torch.Tensor) -> str:
+        """Text of generated ids, stopping at the first EOS/pad (rows finish at different steps)."""
+        stops = {self.pad_id, *_eos_ids(self.model, self.tokenizer)}
+        tokens = []
+        for token in new_ids.tolist():
+            if token in stops:
+                break
+            tokens.append(token)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def hidden_states(self, texts: Sequence[str]) -> torch.Tensor:
+        encoded = [self.encode_text(t)[: self.max_length] for t in texts]
+        if any(not e for e in encoded):
+            raise ValueError("an empty text has no hidden states to pool")
+        pooled: list[torch.Tensor | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        for chunk in _batches(order, self.batch_size):
+            ids, mask = right_pad([encoded[i] for i in chunk], self.pad_id)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                output_hidden_states=True,
+            )
+            states = torch.stack(out.hidden_states, dim=1).float()  # [B, L+1, T, D]
+            weights = mask.to(states.device, torch.float32)[:, None, :, None]
+            means = (states * weights).sum(dim=2) / weights.sum(dim=2)
+            for row, i in enumerate(chunk):
+                pooled[i] = means[row].cpu()
+        return torch.stack([p for p in pooled if p is not None])
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    found: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            found.add(eos)
+        elif isinstance(eos, list | tuple):
+            found.update(int(e) for e in eos)
+    return found
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stop:
+        at = text.find(s)
+        if s and at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+) -> tuple[Any, Any]:
+    """Model and tokenizer from an export directory or any backbone spec ``model.backbone`` takes.
+
+    Backbone resolution (GGUF conversion, embedded models, hub cache) is the training
+    pipeline's, so evaluation loads exactly what a recipe would.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from launcher.schema import ModelSection
+    from model.backbone import load_tokenizer, resolve_backbone
+
+    section = ModelSection(backbone=str(spec), attn_implementation=attn_implementation)  # type: ignore[arg-type]
+    resolved = resolve_backbone(section)
+    tokenizer = load_tokenizer(resolved, section)
+    model = AutoModelForCausalLM.from_pretrained(
+        Path(resolved.path), dtype=dtype, attn_implementation=attn_implementation
+    )
+    model.eval()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    return model, tokenizer
