@@ -56,7 +56,7 @@ class LoadReport:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """A rejected record; ``reason`` is the stable key counted in :class:`LoadReport`."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -103,10 +103,10 @@ def load_rows(
         return rows, report
     for index, (where, record) in enumerate(_records(name, split)):
         try:
-            if isinstance(record, _BadRow):
+            if isinstance(record, BadRow):
                 raise record
             row = _normalise(record, index, names, language)
-        except _BadRow as bad:
+        except BadRow as bad:
             if on_bad_row == "error":
                 raise DataError(f"{where}: {bad}") from None
             report.skipped += 1
@@ -137,7 +137,7 @@ def _normalise(
     record: Any, index: int, names: Mapping[str, str], language: str | None
 ) -> dict[str, str]:
     if not isinstance(record, Mapping):
-        raise _BadRow("line is not a JSON object", f"got {_json_type(record)}")
+        raise BadRow("line is not a JSON object", f"got {_json_type(record)}")
     row = {}
     for canon in ("instruction", "response"):
         row[canon] = _text(record, names[canon])
@@ -147,7 +147,7 @@ def _normalise(
     elif language is not None:
         lang = language
     else:
-        raise _BadRow(f'missing field "{lang_col}"', "and no language given for the source")
+        raise BadRow(f'missing field "{lang_col}"', "and no language given for the source")
     id_col = names["id"]
     raw_id = record.get(id_col)
     if raw_id is None:
@@ -162,12 +162,12 @@ def _normalise(
 
 def _text(record: Mapping[str, Any], column: str) -> str:
     if column not in record:
-        raise _BadRow(f'missing field "{column}"')
+        raise BadRow(f'missing field "{column}"')
     value = record[column]
     if not isinstance(value, str):
-        raise _BadRow(f'field "{column}" is not a string', f"got {_json_type(value)}")
+        raise BadRow(f'field "{column}" is not a string', f"got {_json_type(value)}")
     if not value.strip():
-        raise _BadRow(f'field "{column}" is empty')
+        raise BadRow(f'field "{column}" is empty')
     return value
 
 
@@ -197,7 +197,7 @@ def _records(source: str, split: str) -> Records:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in JSONL_SUFFIXES:
-            return _jsonl_records([path])
+            return jsonl_records([path])
         if suffix in _DATASETS_BUILDERS:
             builder, kwargs = _DATASETS_BUILDERS[suffix]
             return _datasets_records(source, split, builder, data_files=str(path), **kwargs)
@@ -205,7 +205,7 @@ def _records(source: str, split: str) -> Records:
     if path.is_dir():
         files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
         if files:
-            return _jsonl_records(files)
+            return jsonl_records(files)
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return _saved_dataset_records(source, path, split)
         return _datasets_records(source, split, str(path))
@@ -216,7 +216,8 @@ def _records(source: str, split: str) -> Records:
     return _datasets_records(source, split, source)
 
 
-def _jsonl_records(files: Iterable[Path]) -> Records:
+def jsonl_records(files: Iterable[Path]) -> Records:
+    """(``file:line``, object or `BadRow`) per non-blank line, for exact error locations."""
     for path in files:
         with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
@@ -224,14 +225,14 @@ def _jsonl_records(files: Iterable[Path]) -> Records:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
-                    yield where, _BadRow("invalid UTF-8", str(exc))
+                    yield where, BadRow("invalid UTF-8", str(exc))
                     continue
                 if not line.strip():
                     continue
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield where, _BadRow("invalid JSON", f"{exc.msg} at column {exc.colno}")
+                    yield where, BadRow("invalid JSON", f"{exc.msg} at column {exc.colno}")
 
 
 def _builtin_records(source: str) -> Records:

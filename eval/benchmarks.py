@@ -9,13 +9,13 @@ or ``POLYSHIFT_SHARED_DATA``): ``xcopa/{lang}.jsonl``, ``mgsm/{lang}.jsonl``,
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from data.sources import BadRow, jsonl_records
 from eval.answers import parse_gold
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,26 +95,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, int, dict[str, An
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: no such file")
-    position = 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise BenchmarkError(f"{where}: invalid UTF-8 ({exc})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkError(
-                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise BenchmarkError(f"{where}: line is not a JSON object")
-            yield where, position, record
-            position += 1
+    for position, (where, record) in enumerate(jsonl_records([path])):
+        if isinstance(record, BadRow):
+            raise BenchmarkError(f"{where}: {record}")
+        if not isinstance(record, dict):
+            raise BenchmarkError(f"{where}: line is not a JSON object")
+        yield where, position, record
 
 
 def _text(where: str, record: dict[str, Any], name: str) -> str:

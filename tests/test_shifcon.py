@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from launcher.schema import DataSection, DataSource, ShifConMethod
 from model.shifcon import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
 from model.shifcon_infer import ShiftedLM
 from model.shifcon_math import LanguageStats
-from tests.conftest import ROOT
+from tests.engine_logits import engine_logits
 from tests.test_training import summary, train, weights
 
 LANGS = ["en", "fr", "sw"]
@@ -200,18 +197,7 @@ def test_resume_with_running_vectors_is_identical(tmp_path, tiny_model_dir, runn
 
 def test_export_shift_off_is_plain_model_and_on_is_training_engine(tmp_path, running_straight):
     run, _ = running_straight
-    out = tmp_path / "engine.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine_logits", str(run), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = torch.load(out)
+    ref = engine_logits(run, tmp_path)
     lm = ShiftedLM.from_export(run / "export")
     plain = _model(run / "export")
     ids, mask = ref["input_ids"], ref["attention_mask"]

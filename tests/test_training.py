@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.checkpoints import CheckpointStore
-from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.engine_logits import engine_logits
 
 
 def train(tmp_path: Path, model_dir: Path, name: str, *sets: str, env=None, **sections):
@@ -95,18 +93,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, tiny_model_dir, 
 def test_export_loads_in_plain_transformers_with_engine_logits(tmp_path, straight_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "engine_logits.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine_logits", str(straight_run), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = torch.load(out)
+    ref = engine_logits(straight_run, tmp_path)
     export = straight_run / "export"
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     AutoTokenizer.from_pretrained(export)  # the tokenizer travels with the export
