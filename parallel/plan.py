@@ -1,0 +1,423 @@
+"""Per-GPU memory plan for a recipe: model states, activations, buffers, and a verdict.
+
+``python -m parallel.plan RECIPE.yaml --gpus-per-node 8 --gpu-memory-gb 80 [--nodes N]
+[--engine deepspeed|megatron] [--tp T --pp P] [--arch llama-70b]``
+
+Why: a 70B run that does not fit fails minutes into a multi-node allocation; this answers
+"does it fit, and with which micro-batch" before anything is launched, from the recipe alone.
+
+Assumptions (all per GPU, bytes):
+
+- Model states, mixed-precision Adam: 16-bit params 2 + 16-bit grads 2 + fp32 master, m, v 12
+  bytes/param. ZeRO-3 shards all three over the data-parallel group (world size); ZeRO-3 also
+  holds the gathered (full) 16-bit param and grad of the layer it works on: 4 x largest layer
+  (the same term DeepSpeed's estimator uses). At the optimizer step DeepSpeed upcasts each
+  optimizer sub-group's gradient to fp32: 4 x min(params/N, sub_group_size) (a transient that
+  exists when activations are already freed; counted in the peak via max()).
+  Megatron: states sharded over TP*PP; with the distributed optimizer the 12 bytes also over DP.
+- Activations of one Llama block per token (16-bit, flash/SDPA attention so no s^2 scores,
+  no dropout), derived from what autograd saves (the method of Korthikanti et al. 2022, whose
+  GPT figure is s*b*h*(34 + 5*a*s/h) with dropout masks, eager attention and a 4h GELU MLP):
+  two RMSNorms (HF upcasts: fp32 input 4h + normalised 2h + output 2h each) 16h; q 2h, k and v
+  2*2*h_kv (GQA), attention output 2h; SwiGLU gate 2I, silu(gate) 2I, up 2I, product 2I.
+  Total 20h + 4h_kv + 8I bytes per token per layer (eager attention adds 4*a*s per token:
+  scores and softmax in 16-bit). With activation checkpointing each layer keeps its 2h input
+  and one layer is recomputed at a time. Megatron with sequence parallelism divides by TP; the
+  1F1B schedule keeps PP micro-batches in flight on the first stage, i.e. L layers' worth.
+- Logits: s*b*V*(2 + 4 + 4): 16-bit logits, their fp32 upcast for the loss, and its gradient.
+- ShifCon: the contrastive forward on 2*mcl_batch_size pair sequences (pairs.max_length tokens)
+  through layers 1..b-1 keeps its activations for the backward.
+- Buffers (ZeRO-3, from the generated DeepSpeed config or its defaults): the prefetch bucket
+  (2 x stage3_prefetch_bucket_size) and the gradient reduce bucket (2 x reduce_bucket_size).
+- Usable memory: gpu_memory * (1 - headroom) for the CUDA context, NCCL and fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a Llama-family decoder: all that memory and FLOP counts need."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @property
+    def kv_hidden(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        h, i = self.hidden, self.intermediate
+        return 2 * h * h + 2 * h * self.kv_hidden + 3 * h * i + 2 * h  # q,o,k,v; mlp; 2 norms
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        heads = 1 if self.tied_embeddings else 2
+        return self.layers * self.layer_params + heads * self.embedding_params + self.hidden
+
+    @property
+    def largest_layer_params(self) -> int:
+        """Largest single module (DeepSpeed's `largest_layer_params`): embedding or a linear."""
+        return max(self.embedding_params, self.hidden * self.intermediate)
+
+    def layer_forward_flops(self, tokens: int, seq: int) -> float:
+        """One decoder layer's forward: 2 FLOPs per weight per token + attention (QK^T, AV)."""
+        attention = 2 * 2 * tokens * seq * self.hidden  # causal halves it; we keep the full bound
+        return 2.0 * self.layer_params * tokens + attention
+
+    def head_forward_flops(self, tokens: int) -> float:
+        return 2.0 * self.embedding_params * tokens
+
+    def activation_bytes_per_token(self, eager_attention: bool = False, seq: int = 0) -> float:
+        h, i = self.hidden, self.intermediate
+        per = 20 * h + 4 * self.kv_hidden + 8 * i
+        return per + (4 * self.heads * seq if eager_attention else 0)
+
+
+KNOWN_ARCHS: dict[str, Arch] = {
+    "llama-7b": Arch("Llama-2-7B", 32, 4096, 11008, 32, 32, 32000),
+    "llama-3-8b": Arch("Llama-3-8B", 32, 4096, 14336, 32, 8, 128256),
+    "llama-13b": Arch("Llama-2-13B", 40, 5120, 13824, 40, 40, 32000),
+    "llama-70b": Arch("Llama-2-70B", 80, 8192, 28672, 64, 8, 32000),
+    "llama-3-70b": Arch("Llama-3-70B", 80, 8192, 28672, 64, 8, 128256),
+}
+_HUB_HINTS = [  # (substring of a lower-cased hub id, arch key): most specific first
+    ("llama-3-70b", "llama-3-70b"),
+    ("llama-3.1-70b", "llama-3-70b"),
+    ("llama-3-8b", "llama-3-8b"),
+    ("llama-3.1-8b", "llama-3-8b"),
+    ("llama-2-70b", "llama-70b"),
+    ("llama-2-13b", "llama-13b"),
+    ("llama-2-7b", "llama-7b"),
+]
+
+
+def arch_from_config(cfg: dict[str, Any], name: str) -> Arch:
+    heads = cfg["num_attention_heads"]
+    return Arch(
+        name,
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        heads,
+        cfg.get("num_key_value_heads") or heads,
+        cfg["vocab_size"],
+        bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def resolve_arch(recipe, arch: str | None = None) -> Arch:
+    """--arch, else the backbone's local config.json, else the table by hub id."""
+    if arch:
+        if arch not in KNOWN_ARCHS:
+            raise SystemExit(f"--arch: unknown {arch!r}; known: {sorted(KNOWN_ARCHS)}")
+        return KNOWN_ARCHS[arch]
+    spec = recipe.model.backbone
+    path = Path(spec).expanduser()
+    if spec.startswith("embedded:") or path.suffix == ".gguf":
+        from model.backbone import resolve_backbone
+
+        path = resolve_backbone(recipe.model).path
+    if (path / "config.json").is_file():
+        return arch_from_config(json.loads((path / "config.json").read_text()), spec)
+    lowered = spec.lower()
+    for hint, key in _HUB_HINTS:
+        if hint in lowered:
+            return replace(KNOWN_ARCHS[key], name=f"{KNOWN_ARCHS[key].name} (table, {spec})")
+    raise SystemExit(f"model.backbone: {spec!r} is not local and not in the table; pass --arch")
+
+
+@dataclass
+class Layout:
+    engine: str  # deepspeed | megatron
+    world: int
+    tp: int = 1
+    pp: int = 1
+    distributed_optimizer: bool = True
+    sequence_parallel: bool = True
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+
+@dataclass
+class Workload:
+    seq: int
+    micro_batch: int
+    checkpointing: bool
+    eager_attention: bool = False
+    pair_sequences: int = 0  # ShifCon: 2 * mcl_batch_size
+    pair_seq: int = 0
+    pair_depth: int = 0  # layers the contrastive forward runs (b - 1)
+
+
+@dataclass
+class ZeroBuffers:
+    prefetch_bucket: int = int(5e7)
+    reduce_bucket: int = int(5e8)
+    sub_group: int = int(1e9)
+
+    @classmethod
+    def from_ds_config(cls, config: dict[str, Any]) -> ZeroBuffers:
+        z = config.get("zero_optimization", {})
+        return cls(
+            int(z.get("stage3_prefetch_bucket_size", z.get("prefetch_bucket_size", 5e7))),
+            int(z.get("reduce_bucket_size", 5e8)),
+            int(z.get("sub_group_size", 1e9)),
+        )
+
+
+def model_states(arch: Arch, layout: Layout, zero: ZeroBuffers) -> dict[str, float]:
+    """Per-GPU bytes of params, grads, optimizer states (+ ZeRO-3's gathered layer)."""
+    p = arch.total_params
+    if layout.engine == "deepspeed":
+        n = layout.world
+        return {
+            "params (16-bit, /N)": 2 * p / n,
+            "grads (16-bit, /N)": 2 * p / n,
+            "optimizer (fp32 master+m+v, /N)": 12 * p / n,
+            "gathered layer (16-bit param+grad)": 4 * arch.largest_layer_params,
+        }
+    mp = layout.tp * layout.pp
+    opt_shard = mp * (layout.dp if layout.distributed_optimizer else 1)
+    return {
+        "params (16-bit, /TP*PP)": 2 * p / mp,
+        "grads (16-bit, /TP*PP)": 2 * p / mp,
+        "optimizer (fp32, /TP*PP*DP)" if layout.distributed_optimizer else "optimizer (/TP*PP)": 12
+        * p
+        / opt_shard,
+    }
+
+
+def step_transient(arch: Arch, layout: Layout, zero: ZeroBuffers) -> float:
+    """fp32 gradient of one optimizer sub-group at the ZeRO-3 step (activations are gone)."""
+    if layout.engine != "deepspeed":
+        return 0.0
+    return 4 * min(arch.total_params / layout.world, zero.sub_group)
+
+
+def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) -> dict[str, float]:
+    """Per-GPU activation bytes for `micro_batch` sequences (linear in micro_batch)."""
+    per_tok = arch.activation_bytes_per_token(work.eager_attention, work.seq)
+    split = layout.tp if (layout.engine == "megatron" and layout.sequence_parallel) else 1
+    tokens = work.seq * micro_batch
+    if work.checkpointing:
+        lm = (arch.layers * 2 * arch.hidden + per_tok) * tokens
+    else:
+        lm = arch.layers * per_tok * tokens
+    out = {"decoder layers": lm / split}
+    out["logits (16-bit + fp32 + grad)"] = work.seq * micro_batch * arch.vocab * 10 / layout.tp
+    if work.pair_sequences:
+        pair_tokens = work.pair_seq * work.pair_sequences  # one pair batch per micro-batch
+        depth = work.pair_depth
+        pair = (
+            (depth * 2 * arch.hidden + per_tok) * pair_tokens
+            if work.checkpointing
+            else (depth * per_tok * pair_tokens)
+        )
+        out["ShifCon contrastive (layers 1..b-1)"] = pair / split
+    return out
+
+
+def buffers(layout: Layout, zero: ZeroBuffers) -> dict[str, float]:
+    if layout.engine != "deepspeed":
+        return {}
+    return {
+        "ZeRO-3 prefetch bucket": 2 * zero.prefetch_bucket,
+        "ZeRO-3 reduce bucket": 2 * zero.reduce_bucket,
+    }
+
+
+@dataclass
+class Plan:
+    states: dict[str, float]
+    acts: dict[str, float]
+    bufs: dict[str, float]
+    transient: float
+    capacity: float
+
+    @property
+    def fixed(self) -> float:
+        return sum(self.states.values()) + sum(self.bufs.values())
+
+    @property
+    def peak(self) -> float:
+        return sum(self.states.values()) + max(
+            sum(self.acts.values()) + sum(self.bufs.values()), self.transient
+        )
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+
+def make_plan(
+    arch: Arch, layout: Layout, work: Workload, zero: ZeroBuffers, capacity: float
+) -> Plan:
+    return Plan(
+        model_states(arch, layout, zero),
+        activations(arch, layout, work, work.micro_batch),
+        buffers(layout, zero),
+        step_transient(arch, layout, zero),
+        capacity,
+    )
+
+
+def largest_micro_batch(fixed: float, per_sample: float, step_peak: float, capacity: float) -> int:
+    """Largest b with max(fixed + b * per_sample, step_peak) <= capacity; 0 when none fits.
+
+    `fixed`: states + buffers + micro-batch-independent activations; `step_peak`: states plus
+    the optimizer-step transient (activations are freed by then).
+    """
+    if step_peak > capacity or fixed + per_sample > capacity:
+        return 0
+    return int((capacity - fixed) // per_sample)
+
+
+def plan_largest(arch: Arch, layout: Layout, work: Workload, zero: ZeroBuffers,
+                 capacity: float) -> int:  # fmt: skip
+    one = sum(activations(arch, layout, work, 1).values())
+    per_sample = sum(activations(arch, layout, work, 2).values()) - one
+    states = sum(model_states(arch, layout, zero).values())
+    fixed = states + sum(buffers(layout, zero).values()) + one - per_sample
+    return largest_micro_batch(fixed, per_sample, states + step_transient(arch, layout, zero),
+                               capacity)  # fmt: skip
+
+
+def deepspeed_estimate(arch: Arch, gpus_per_node: int, nodes: int) -> float:
+    """DeepSpeed's own ZeRO-3 per-GPU model-state estimate (no offload), in bytes."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        arch.total_params,
+        arch.largest_layer_params,
+        num_gpus_per_node=gpus_per_node,
+        num_nodes=nodes,
+        cpu_offload=False,
+        cpu_offload_params=False,
+        zero_init=True,
+    )
+    return float(gpu)
+
+
+def model_state_peak(plan: Plan) -> float:
+    """What DeepSpeed's estimator estimates: states at their peak (the optimizer step)."""
+    return sum(plan.states.values()) + plan.transient
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:8.2f} GB"
+
+
+def render(recipe, arch: Arch, layout: Layout, work: Workload, zero: ZeroBuffers, plan: Plan,
+           largest: int, ds_est: float | None) -> str:  # fmt: skip
+    lines = [
+        f"plan: {recipe.name}  ({arch.name}: {arch.total_params / 1e9:.2f}B params, "
+        f"{arch.layers} layers, h={arch.hidden}, I={arch.intermediate}, heads={arch.heads}/"
+        f"{arch.kv_heads} kv, vocab={arch.vocab})",
+        f"layout: {layout.engine}, world {layout.world} = TP {layout.tp} x PP {layout.pp} x "
+        f"DP {layout.dp}; seq {work.seq}, micro-batch {work.micro_batch}, activation "
+        f"checkpointing {'on' if work.checkpointing else 'off'}",
+        "model states (per GPU):",
+        *(f"  {k:42s}{_gb(v)}" for k, v in plan.states.items()),
+        f"activations (micro-batch {work.micro_batch}):",
+        *(f"  {k:42s}{_gb(v)}" for k, v in plan.acts.items()),
+    ]
+    if plan.bufs:
+        lines += ["buffers:", *(f"  {k:42s}{_gb(v)}" for k, v in plan.bufs.items())]
+    if plan.transient:
+        lines.append(f"  {'optimizer-step fp32 grad sub-group':42s}{_gb(plan.transient)}"
+                     "  (after activations are freed)")  # fmt: skip
+    other = replace(work, checkpointing=not work.checkpointing)
+    other_acts = sum(activations(arch, layout, other, work.micro_batch).values())
+    lines.append(
+        f"  (activations with checkpointing {'off' if work.checkpointing else 'on'}: "
+        f"{other_acts / GB:.2f} GB)"
+    )
+    if ds_est is not None:
+        ours = model_state_peak(plan)
+        lines.append(
+            f"model-state peak (states + step transient) {ours / GB:.2f} GB; DeepSpeed's "
+            f"estimator (no offload) {ds_est / GB:.2f} GB ({ours / ds_est - 1:+.1%})"
+        )
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(
+        f"peak {plan.peak / GB:.2f} GB of {plan.capacity / GB:.2f} GB usable -> {verdict}; "
+        f"largest micro-batch that fits: {largest}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m parallel.plan", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("recipe")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    parser.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes")
+    parser.add_argument("--engine", choices=["deepspeed", "megatron"], default=None)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--no-distributed-optimizer", action="store_true")
+    parser.add_argument("--arch", default=None, help=f"one of {sorted(KNOWN_ARCHS)}")
+    parser.add_argument("--micro-batch", type=int, default=None)
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
+    args = parser.parse_args(argv)
+
+    from launcher.recipe import load_recipe
+    from parallel.ds_config import build_deepspeed_config
+
+    recipe = load_recipe(args.recipe)
+    arch = resolve_arch(recipe, args.arch)
+    nodes = args.nodes or recipe.cluster.nodes
+    engine = args.engine or recipe.parallel.engine
+    world = nodes * args.gpus_per_node
+    if world % (args.tp * args.pp):
+        raise SystemExit(f"--tp {args.tp} x --pp {args.pp} does not divide {world} GPUs")
+    if engine == "deepspeed" and args.tp * args.pp > 1:
+        raise SystemExit("the deepspeed engine is data-parallel (ZeRO-3): use --engine megatron")
+    layout = Layout(engine, world, args.tp, args.pp, not args.no_distributed_optimizer)
+    m = recipe.method
+    shifcon = m.name == "shifcon"
+    work = Workload(
+        seq=recipe.data.max_length,
+        micro_batch=args.micro_batch or recipe.training.micro_batch_size,
+        checkpointing=recipe.model.gradient_checkpointing,
+        eager_attention=recipe.model.attn_implementation == "eager",
+        pair_sequences=2 * m.mcl_batch_size if shifcon else 0,
+        pair_seq=m.pairs.max_length if shifcon else 0,
+        pair_depth=m.band[1] - 1 if shifcon else 0,
+    )
+    zero = ZeroBuffers.from_ds_config(build_deepspeed_config(recipe, "cuda"))
+    capacity = args.gpu_memory_gb * GB * (1 - args.headroom)
+    plan = make_plan(arch, layout, work, zero, capacity)
+    largest = plan_largest(arch, layout, work, zero, capacity)
+    ds_est = deepspeed_estimate(arch, args.gpus_per_node, nodes) if engine == "deepspeed" else None
+    print(render(recipe, arch, layout, work, zero, plan, largest, ds_est))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
