@@ -30,14 +30,21 @@ def preflight(recipe: Recipe) -> None:
                 raise RecipeError(f"data.{section}.{i}.path: {source.path} does not exist")
     backbone = recipe.model.backbone
     config_file = Path(backbone).expanduser() / "config.json"
-    if recipe.method.name == "shifcon" and config_file.is_file():
+    layers = None  # known before any work only for a local backbone
+    if config_file.is_file():
         layers = json.loads(config_file.read_text()).get("num_hidden_layers")
-        f, b = recipe.method.band
-        if isinstance(layers, int) and not 1 <= f < b <= layers - 1:
+    method = recipe.method
+    if isinstance(layers, int) and method.name == "shifcon" and method.band != "auto":
+        f, b = method.band
+        if not 1 <= f < b <= layers - 1:
             raise RecipeError(
                 f"method.band: ({f}, {b}) does not fit the {layers}-layer backbone "
                 f"(need 1 <= f < b <= {layers - 1})"
             )
+    if isinstance(layers, int) and method.name == "lens" and method.top_k >= layers:
+        raise RecipeError(
+            f"method.top_k: {method.top_k} must be below the backbone's {layers} layers"
+        )
     looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
     if looks_local and not Path(backbone).expanduser().exists():
         raise RecipeError(f"model.backbone: {backbone} does not exist")

@@ -108,8 +108,15 @@ class ShifConMethod(Section):
     """ShifCon: shift non-dominant languages into the dominant subspace for layers [f, b)."""
 
     name: Literal["shifcon"]
-    band: tuple[PositiveInt, PositiveInt] = Field(
-        description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1."
+    band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
+        description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
+        "auto: chosen by the layer probe (model/probe.py) on the training data before training."
+    )
+    probe_samples: PositiveInt = Field(
+        32, description="band: auto: samples (and parallel pairs) per language for the probe."
+    )
+    probe_tolerance: NonNegativeFloat = Field(
+        0.1, description="band: auto: relative tolerance over the minimum mean distance."
     )
     vector_mode: Literal["precompute", "running"] = "precompute"
     vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
@@ -121,14 +128,41 @@ class ShifConMethod(Section):
 
     @field_validator("band")
     @classmethod
-    def _ordered(cls, band: tuple[int, int]) -> tuple[int, int]:
-        if band[0] >= band[1]:
+    def _ordered(cls, band: tuple[int, int] | str) -> tuple[int, int] | str:
+        if band != "auto" and band[0] >= band[1]:
             raise ValueError(f"need f < b, got f={band[0]}, b={band[1]}")
         return band
 
 
-MethodSection = Annotated[SFTMethod | ShifConMethod, Field(discriminator="name")]
-METHOD_NAMES = ("sft", "shifcon")
+class LensPrompts(Section):
+    path: str = Field(
+        "train",
+        description="train: parallel prompts from the training rows (same id); else a JSONL "
+        "file/folder of {lang, en, target} rows (e.g. the shared parallel data).",
+    )
+    count: PositiveInt = Field(200, description="Parallel prompt items, split over languages.")
+    max_length: PositiveInt = 128
+    batch_size: int = Field(8, ge=1, description="Parallel prompt items per micro-batch.")
+
+
+class LensMethod(Section):
+    """Lens: edit the top k layers so target languages move toward English along the
+    language-agnostic direction and apart in the language-specific subspace; English kept."""
+
+    name: Literal["lens"]
+    top_k: PositiveInt = Field(2, description="Only the top k decoder layers train.")
+    retain: NonNegativeFloat = Field(1.0, description="Weight of the English-retention MSE.")
+    pull: NonNegativeFloat = Field(1.0, description="Weight of the agnostic-space pull MSE.")
+    push_scale: float = Field(1.0, description="w: target push along delta_X (specific space).")
+    lm_weight: NonNegativeFloat = Field(0.0, description="Optional LM loss on the batch.")
+    languages: list[str] | None = Field(
+        None, description="Target languages (default: every non-dominant run language)."
+    )
+    prompts: LensPrompts = Field(default_factory=LensPrompts)
+
+
+MethodSection = Annotated[SFTMethod | ShifConMethod | LensMethod, Field(discriminator="name")]
+METHOD_NAMES = ("sft", "shifcon", "lens")
 
 
 class TrainingSection(Section):

@@ -78,4 +78,16 @@ def build_method(recipe, data, tokenizer) -> Method:
             seed=recipe.training.seed,
             on_bad_row=recipe.data.on_bad_row,
         )
+    if recipe.method.name == "lens":
+        from model.lens import Lens
+
+        return Lens(
+            recipe.method,
+            languages=data.languages,
+            tokenizer=tokenizer,
+            train_rows=data.train_rows,
+            seed=recipe.training.seed,
+            on_bad_row=recipe.data.on_bad_row,
+            system_prompt=recipe.data.system_prompt,
+        )
     raise ValueError(f"method.name: no implementation for {recipe.method.name!r}")
