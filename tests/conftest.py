@@ -118,9 +118,18 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+# Set by in-process distributed tests; a fresh job must not inherit them (it would think it is
+# already one worker of a group).
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300):
     """`python launcher/run.py ...` in a fresh interpreter, as a user would run it."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**clean_env(), **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, str(ROOT / "launcher" / "run.py"), *args],

@@ -6,7 +6,6 @@ leaks into the test process that loads the export with plain transformers.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,9 @@ from launcher.recipe import load_recipe
 def engine_logits(run_dir: Path, workdir: Path) -> dict:
     """Run this module in a fresh interpreter and load what it saved."""
     out = workdir / "engine_logits.pt"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    from tests.conftest import clean_env
+
+    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_logits", str(run_dir), str(out)],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
