@@ -286,7 +286,8 @@ def _score(
         en = [e for e, _ in rows]
         tgt = [t for _, t in rows]
         bitext_lang[lang] = [
-            bitext_retrieval_accuracy(pooled[en, j], pooled[tgt, j]) for j in range(len(layers))
+            bitext_retrieval_accuracy(pooled[en, j], pooled[tgt, j], center=True)
+            for j in range(len(layers))
         ]
     bitext: list[float | None] = [
         sum(v[j] for v in bitext_lang.values()) / len(bitext_lang) if bitext_lang else None
@@ -328,19 +329,22 @@ def plot(result: ProbeResult, path: Path) -> None:
     acc = ax.twinx()
     acc.set_ylim(-0.02, 1.02)
     acc.set_ylabel("accuracy")
-    for values, style, label in (
-        (result.language_id_accuracy, "s--", "language-ID accuracy (held-out)"),
-        (result.bitext_retrieval_accuracy, "^--", "bitext retrieval accuracy"),
+    for values, style, colour, label in (
+        (result.language_id_accuracy, "s--", "tab:green", "language-ID accuracy (held-out)"),
+        (result.bitext_retrieval_accuracy, "^--", "tab:red", "bitext retrieval accuracy"),
     ):
         pts = [(layer, v) for layer, v in zip(x, values, strict=True) if v is not None]
         if pts:
-            acc.plot(*zip(*pts, strict=True), style, label=label)
+            acc.plot(*zip(*pts, strict=True), style, color=colour, label=label)
     lines = ax.get_legend_handles_labels()
     more = acc.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="best", fontsize=8)
+    ax.legend(
+        lines[0] + more[0], lines[1] + more[1], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+        ncol=2, fontsize=8,
+    )  # fmt: skip
     ax.set_title(f"layer probe: {', '.join(result.languages)} (tolerance {result.tolerance})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend below the axes
     plt.close(fig)
 
 

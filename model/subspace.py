@@ -220,13 +220,21 @@ def language_id_accuracy(embeddings: Tensor, labels: Tensor, centroids: Tensor) 
     return float((pred == labels.to(pred.device)).float().mean())
 
 
-def bitext_retrieval_accuracy(src: Tensor, tgt: Tensor) -> float:
-    """Fraction of ``src[i]`` whose nearest ``tgt`` row by cosine is its own pair ``tgt[i]``."""
+def bitext_retrieval_accuracy(src: Tensor, tgt: Tensor, center: bool = False) -> float:
+    """Fraction of ``src[i]`` whose nearest ``tgt`` row by cosine is its own pair ``tgt[i]``.
+
+    ``center``: subtract each side's mean first. Raw mean-pooled residual states are dominated
+    by a few huge-activation dimensions shared by every sentence (and by the language's own
+    offset), which leaves cosine retrieval near chance; centring removes both.
+    """
     if src.dim() != 2 or src.shape != tgt.shape:
         raise ValueError(f"need src and tgt of equal shape [N, D], got {src.shape}, {tgt.shape}")
     if src.shape[0] == 0:
         raise ValueError("no pairs to score")
-    s = F.normalize(src.float(), dim=-1)
-    t = F.normalize(tgt.float().to(s.device), dim=-1)
+    src, tgt = src.float(), tgt.float().to(src.device)
+    if center:
+        src, tgt = src - src.mean(dim=0), tgt - tgt.mean(dim=0)
+    s = F.normalize(src, dim=-1)
+    t = F.normalize(tgt, dim=-1)
     pred = (s @ t.t()).argmax(dim=-1)
     return float((pred == torch.arange(src.shape[0], device=pred.device)).float().mean())

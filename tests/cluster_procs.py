@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from parallel.distributed import free_port
+from tests.conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
@@ -28,7 +29,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for CLI tools: the venv first on PATH, the repository importable."""
-    env = {**os.environ, **(extra or {})}
+    env = {**clean_env(), **(extra or {})}
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(ROOT)
     return env

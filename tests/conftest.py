@@ -77,6 +77,16 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
             _stop_group(proc)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process distributed code exports RANK & co.; later tests (and the clusters and jobs
+    they start) must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
