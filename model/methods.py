@@ -34,6 +34,10 @@ class Method:
         loss = lm_loss(self.logits(model, batch), batch)
         return loss, {"loss_lm": loss.item()}
 
+    def run_tags(self) -> dict[str, str]:
+        """Decisions the method took at start-up (e.g. a probed band), logged once per run."""
+        return {}
+
     def metrics(self) -> dict[str, float]:
         """Method-specific values worth tracking at evaluation time."""
         return {}

@@ -303,6 +303,7 @@ def _dist_worker(rank: int, world: int, port: int, model_dir: str, data_dir: str
     try:
         result = _run_all(model_dir, data_dir)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
