@@ -18,11 +18,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eval.benchmarks import (
+    DATA_ENV,
     TASK_FILES,
     BenchmarkError,
     MissingBenchmark,
@@ -33,9 +33,9 @@ from eval.benchmarks import (
     load_xcopa,
     shared_data_dir,
 )
+from eval.report import log_results, markdown_table, results_dict
 from eval.scorer import Scorer
 from eval.tasks import (
-    DEFAULT_MGSM_TEMPLATE,
     TaskResult,
     evaluate_bitext,
     evaluate_mgsm,
@@ -43,45 +43,42 @@ from eval.tasks import (
     evaluate_xcopa,
     rank_and_world,
 )
+from launcher.schema import EVAL_TASKS, EvalSection
 
-TASKS = ("xcopa", "mgsm", "bitext", "ppl")
-
-
-@dataclass
-class EvalOptions:
-    """Everything an evaluation needs besides the model (what a recipe ``eval:`` section holds)."""
-
-    tasks: list[str]
-    languages: list[str]
-    data_dir: Path = field(default_factory=shared_data_dir)
-    limit: int | None = None
-    max_new_tokens: int = 256
-    mgsm_template: str = DEFAULT_MGSM_TEMPLATE
-    pivot: str = "en"
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
-            raise ValueError(
-                f"tasks: unknown {unknown or 'none given'}; choose from {', '.join(TASKS)}"
-            )
-        if not self.languages:
-            raise ValueError("languages: give at least one language code")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if "{question}" not in self.mgsm_template:
-            raise ValueError("mgsm_template must contain {question}")
+TASKS = EVAL_TASKS
+# The options of an evaluation are the recipe's ``eval:`` section: one definition for both.
+EvalOptions = EvalSection
 
 
-def _ppl_texts(data_dir: Path, lang: str, pivot: str, limit: int | None) -> list[str]:
+def with_languages(options: EvalSection, languages: Sequence[str]) -> EvalSection:
+    """``options`` with its languages filled in (``eval.languages`` unset: the run's)."""
+    if options.languages:
+        return options
+    return options.model_copy(update={"languages": list(languages)})
+
+
+def task_file(options: EvalSection, task: str, lang: str) -> Path:
+    """The benchmark file of ``task`` in ``lang``: the ``files`` pattern, else the data_dir
+    layout (``eval.benchmarks.TASK_FILES``)."""
+    pattern = options.files.get(task)  # type: ignore[call-overload]
+    if pattern is None:
+        return benchmark_file(shared_data_dir(options.data_dir), task, lang)
+    path = Path(pattern.format(lang=lang)).expanduser()
+    if not path.is_file():
+        raise MissingBenchmark(f"{path}: no {task} data for language {lang!r} (eval.files)")
+    return path
+
+
+def _ppl_texts(options: EvalSection, lang: str) -> list[str]:
     """Target-language side of the parallel file; the pivot's side of the first file for the pivot."""
-    if lang != pivot:
-        return load_texts(benchmark_file(data_dir, "ppl", lang), "target", limit)
-    folder = data_dir / TASK_FILES["ppl"].rsplit("/", 1)[0]
+    if lang != options.pivot:
+        return load_texts(task_file(options, "ppl", lang), "target", options.limit)
+    pattern = options.files.get("ppl") or str(shared_data_dir(options.data_dir) / TASK_FILES["ppl"])
+    folder = Path(pattern.format(lang=options.pivot)).expanduser().parent
     files = sorted(folder.glob("*.jsonl"))
     if not files:
-        raise MissingBenchmark(f"{folder}: no parallel files to take {pivot} text from")
-    return load_texts(files[0], "en", limit)
+        raise MissingBenchmark(f"{folder}: no parallel files to take {options.pivot} text from")
+    return load_texts(files[0], "en", options.limit)
 
 
 def load_task_data(task: str, options: EvalOptions) -> tuple[dict[str, list[Any]], dict[str, str]]:
@@ -89,16 +86,17 @@ def load_task_data(task: str, options: EvalOptions) -> tuple[dict[str, list[Any]
     rows: dict[str, list[Any]] = {}
     skipped: dict[str, str] = {}
     loaders = {"xcopa": load_xcopa, "mgsm": load_mgsm, "bitext": load_parallel}
+    if not options.languages:
+        raise ValueError("eval.languages: no languages to evaluate")
     for lang in options.languages:
         if task == "bitext" and lang == options.pivot:
             skipped[lang] = f"bitext pairs {options.pivot} with other languages"
             continue
         try:
             if task == "ppl":
-                rows[lang] = _ppl_texts(options.data_dir, lang, options.pivot, options.limit)
+                rows[lang] = _ppl_texts(options, lang)
             else:
-                path = benchmark_file(options.data_dir, task, lang)
-                rows[lang] = loaders[task](path, options.limit)
+                rows[lang] = loaders[task](task_file(options, task, lang), options.limit)
         except MissingBenchmark as exc:
             skipped[lang] = str(exc)
     return rows, skipped
@@ -140,27 +138,41 @@ def shifcon_hooks(model: Any, spec: str | Path) -> Any:
     return hooks
 
 
+# CLI flag -> EvalSection field (defaults, types and checks all come from the schema).
+_FLAGS: dict[str, str] = {
+    "--tasks": "tasks",
+    "--languages": "languages",
+    "--data-dir": "data_dir",
+    "--limit": "limit",
+    "--batch-size": "batch_size",
+    "--max-new-tokens": "max_new_tokens",
+    "--max-length": "max_length",
+    "--mgsm-template": "mgsm_template",
+    "--system-prompt": "system_prompt",
+    "--pivot": "pivot",
+}
+_LISTS = ("tasks", "languages")
+
+
+def _help(name: str) -> str:
+    info = EvalSection.model_fields[name]
+    default = info.get_default(call_default_factory=True)
+    text = info.description or ""
+    return f"{text} (eval.{name}; default {default!r})" if default not in (None, []) else text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="export dir, HF dir, .gguf or embedded:NAME")
-    p.add_argument(
-        "--tasks", default="xcopa,mgsm,bitext,ppl", help="comma-separated: " + ",".join(TASKS)
-    )
-    p.add_argument("--languages", required=True, help="comma-separated language codes")
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="shared data (default: $POLYSHIFT_SHARED_DATA or ../shared/data)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="first N rows per language and task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--mgsm-template", default=DEFAULT_MGSM_TEMPLATE)
+    for flag, name in _FLAGS.items():
+        extra = {"required": True} if name == "languages" else {}
+        p.add_argument(flag, dest=name, default=None, help=_help(name), **extra)
+    p.add_argument("--file", dest="files", action="append", default=[], metavar="TASK=PATTERN",
+                   help=_help("files"))  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
     p.add_argument(
         "--no-shift", action="store_true", help="a ShifCon export without its shift (baseline)"
     )
-    p.add_argument("--system-prompt", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     p.add_argument("--out", default=None, help="write results JSON here (charts beside it)")
@@ -175,27 +187,75 @@ def _codes(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
+def options_from_args(args: argparse.Namespace) -> EvalSection:
+    """The CLI's flags as the recipe's ``eval:`` section (validated by the same schema)."""
+    given: dict[str, Any] = {}
+    for name in _FLAGS.values():
+        value = getattr(args, name)
+        if value is not None:
+            given[name] = _codes(value) if name in _LISTS else value
+    files = {}
+    for item in args.files:
+        task, sep, pattern = item.partition("=")
+        if not sep:
+            raise ValueError(f"--file {item!r}: expected TASK=PATTERN")
+        files[task.strip()] = pattern
+    if files:
+        given["files"] = files
+    given["chat"] = not args.no_chat
+    given["shift"] = not args.no_shift
+    given.setdefault("tasks", list(TASKS))  # the CLI runs every task unless told otherwise
+    if not given["tasks"]:
+        raise ValueError("tasks: none given; choose from " + ", ".join(TASKS))
+    return EvalSection(**given)
+
+
+def check_data(options: EvalSection) -> None:
+    """Stop before loading a model when the benchmark folder is missing."""
+    if all(task in options.files for task in options.tasks):
+        return
+    folder = shared_data_dir(options.data_dir)
+    if not folder.is_dir():
+        raise BenchmarkError(
+            f"data dir {folder} does not exist (eval.data_dir / --data-dir, or ${DATA_ENV})"
+        )
+
+
+def publish(
+    results: dict[str, TaskResult],
+    skipped: dict[str, Any],
+    meta: dict[str, Any],
+    tracker: Any,
+    out: Path | None,
+    *,
+    step: int = 0,
+) -> list[Path]:
+    """Rank 0's side of an evaluation: notes and table printed, JSON and charts written beside
+    ``out``, metrics and artifacts to ``tracker`` (None or inactive: not logged)."""
+    for task, langs in skipped.items():
+        for lang, reason in langs.items():
+            print(f"note: {task}/{lang} skipped: {reason}", file=sys.stderr)
+    print(markdown_table(results), flush=True)
+    active = tracker if tracker is not None and getattr(tracker, "active", True) else None
+    charts = log_results(results, active, step=step, out_dir=out.parent if out else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results_dict(results, **meta), indent=2, ensure_ascii=False))
+        print(f"wrote {out} and {', '.join(str(c) for c in charts)}", flush=True)
+    return charts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        options = EvalOptions(
-            tasks=_codes(args.tasks),
-            languages=_codes(args.languages),
-            data_dir=shared_data_dir(args.data_dir),
-            limit=args.limit,
-            max_new_tokens=args.max_new_tokens,
-            mgsm_template=args.mgsm_template,
-        )
-    except ValueError as exc:
+        options = options_from_args(args)
+        check_data(options)
+    except ValueError as exc:  # pydantic's ValidationError and BenchmarkError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not options.data_dir.is_dir():
-        print(f"error: data dir {options.data_dir} does not exist (--data-dir)", file=sys.stderr)
         return 2
 
     import torch
 
-    from eval.report import log_results, markdown_table, results_dict
     from eval.scorer import HFScorer, load_model
     from launcher.tracking import Tracker
 
@@ -207,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_model(
         args.model, dtype=getattr(torch, args.dtype), attn_implementation=args.attn
     )
-    shift = None if args.no_shift else shifcon_hooks(model, args.model)
-    scorer = HFScorer(model, tokenizer, batch_size=args.batch_size, chat=not args.no_chat,
-                      system_prompt=args.system_prompt, shift=shift)  # fmt: skip
+    shift = shifcon_hooks(model, args.model) if options.shift else None
+    scorer = HFScorer(model, tokenizer, batch_size=options.batch_size, chat=options.chat,
+                      system_prompt=options.system_prompt, max_length=options.max_length,
+                      shift=shift)  # fmt: skip
     try:
         results, skipped = evaluate(scorer, options)
     except BenchmarkError as exc:
@@ -217,14 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if rank != 0:
         return 0
-    for task, langs in skipped.items():
-        for lang, reason in langs.items():
-            print(f"note: {task}/{lang} skipped: {reason}", file=sys.stderr)
-    table = markdown_table(results)
-    print(table)
     meta = {"model": str(args.model), "languages": options.languages, "limit": options.limit,
             "world_size": world, "skipped": skipped}  # fmt: skip
-    out_dir = Path(args.out).parent if args.out else None
     tracker = Tracker(
         enabled=bool(args.tracking_uri or args.track),
         is_rank0=True,
@@ -235,13 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with tracker:
         tracker.start(params={"eval": {**meta, "tasks": options.tasks}})
-        charts = log_results(results, tracker if tracker.active else None, out_dir=out_dir)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps(results_dict(results, **meta), indent=2, ensure_ascii=False)
-        )
-        print(f"wrote {args.out} and {', '.join(str(c) for c in charts)}")
+        publish(results, skipped, meta, tracker, Path(args.out) if args.out else None)
     return 0
 
 

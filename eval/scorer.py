@@ -2,9 +2,9 @@
 
 Tasks never touch a model directly: they ask a :class:`Scorer` for conditional
 log-likelihoods, greedy generations or mean-pooled hidden states. ``HFScorer`` implements it
-for a plain ``transformers`` causal LM (an exported run or a backbone); a training engine can
-implement the same three methods for a partitioned (ZeRO-3 / TP / PP) model later, and every
-task works unchanged.
+for a plain ``transformers`` causal LM (an exported run or a backbone); a training engine
+implements the same three methods on a partitioned (ZeRO-3 / TP / PP) model
+(``eval.engine.EngineScorer``), and every task works unchanged.
 
 Batching: scoring pads on the right (positions stay 0..n-1, and the scored slice of each row
 is read at its own offsets); generation pads on the left, so that every row's next token is
@@ -107,55 +107,36 @@ def speaking(scorer: Any, lang: str) -> AbstractContextManager[None]:
     return context(lang) if context is not None else nullcontext()
 
 
-class HFScorer:
-    """:class:`Scorer` over a ``transformers`` causal LM and its tokenizer (single process).
+class TextEncoder:
+    """Tokenisation shared by every scorer, so an export and a training engine score the very
+    same ids (only the forward differs).
 
     ``chat``: format generation prompts with the tokenizer's chat template (the format the
     training pipeline uses, ``data.formatting.chat_prompt_ids``); log-likelihood and hidden
     states always score raw text, as multiple-choice benchmarks are defined on raw text.
+    ``stop_ids``: tokens that end a generated answer (EOS of the model and tokenizer, pad).
     """
 
     def __init__(
         self,
-        model: Any,
         tokenizer: Any,
         *,
-        batch_size: int = 8,
-        chat: bool = True,
-        system_prompt: str | None = None,
-        max_length: int | None = None,
-        shift: Any = None,
+        batch_size: int,
+        chat: bool,
+        system_prompt: str | None,
+        max_length: int,
+        stop_ids: set[int] | None = None,
     ) -> None:
-        """``shift``: the `ShifConHooks` of a ShifCon export; `language` then shifts each
-        benchmark language by its vectors (languages without vectors stay unshifted)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
         self.system_prompt = system_prompt
-        config_max = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.max_length = max_length or int(config_max)
+        self.max_length = max_length
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
-        self.shift = shift
-
-    @contextmanager
-    def language(self, lang: str) -> Iterator[None]:
-        if self.shift is None or lang not in self.shift.languages:
-            yield
-            return
-        with self.shift.inference_languages(torch.tensor(self.shift.languages.index(lang))):
-            yield
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        self.stop_ids = {self.pad_id, *eos_ids(None, tokenizer), *(stop_ids or ())}
 
     # -- tokenisation --------------------------------------------------------------------------
 
@@ -202,6 +183,67 @@ class HFScorer:
             return chat_prompt_ids(self.tokenizer, prompt, self.system_prompt)
         return self.encode_text(prompt)
 
+    def hidden_inputs(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids whose hidden states are pooled (raw text, cut to ``max_length``)."""
+        encoded = [self.encode_text(t)[: self.max_length] for t in texts]
+        if any(not e for e in encoded):
+            raise ValueError("an empty text has no hidden states to pool")
+        return encoded
+
+    def decode(self, new_ids: torch.Tensor | Sequence[int]) -> str:
+        """Text of generated ids, stopping at the first stop id (rows finish at different steps)."""
+        tokens = []
+        for token in new_ids.tolist() if isinstance(new_ids, torch.Tensor) else new_ids:
+            if token in self.stop_ids:
+                break
+            tokens.append(token)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+class HFScorer(TextEncoder):
+    """:class:`Scorer` over a ``transformers`` causal LM and its tokenizer (single process)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 8,
+        chat: bool = True,
+        system_prompt: str | None = None,
+        max_length: int | None = None,
+        shift: Any = None,
+    ) -> None:
+        """``shift``: the `ShifConHooks` of a ShifCon export; `language` then shifts each
+        benchmark language by its vectors (languages without vectors stay unshifted)."""
+        config_max = getattr(model.config, "max_position_embeddings", None) or 2048
+        super().__init__(
+            tokenizer,
+            batch_size=batch_size,
+            chat=chat,
+            system_prompt=system_prompt,
+            max_length=max_length or int(config_max),
+            stop_ids=eos_ids(model, tokenizer),
+        )
+        self.model = model
+        self.shift = shift
+
+    @contextmanager
+    def language(self, lang: str) -> Iterator[None]:
+        if self.shift is None or lang not in self.shift.languages:
+            yield
+            return
+        with self.shift.inference_languages(torch.tensor(self.shift.languages.index(lang))):
+            yield
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
     # -- Scorer --------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -232,7 +274,7 @@ class HFScorer:
             ids, mask = left_pad([encoded[i] for i in chunk], self.pad_id)
             new = self.generate_ids(ids, mask, max_new_tokens)
             for row, i in enumerate(chunk):
-                texts[i] = _cut(self.decode(new[row]), stop)
+                texts[i] = cut_at_stop(self.decode(new[row]), stop)
         return texts
 
     def generate_ids(
@@ -251,21 +293,12 @@ class HFScorer:
         )
         return out[:, ids.shape[1] :].cpu()
 
-    def decode(self, new_ids: torch.Tensor) -> str:
-        """Text of generated ids, stopping at the first EOS/pad (rows finish at different steps)."""
-        stops = {self.pad_id, *_eos_ids(self.model, self.tokenizer)}
-        tokens = []
-        for token in new_ids.tolist():
-            if token in stops:
-                break
-            tokens.append(token)
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
     @torch.inference_mode()
     def hidden_states(self, texts: Sequence[str]) -> torch.Tensor:
-        encoded = [self.encode_text(t)[: self.max_length] for t in texts]
-        if any(not e for e in encoded):
-            raise ValueError("an empty text has no hidden states to pool")
+        encoded = self.hidden_inputs(texts)
+        if not encoded:  # a rank without a share of the texts
+            size = int(self.model.config.hidden_size)
+            return torch.zeros(0, self.num_layers + 1, size)
         pooled: list[torch.Tensor | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         for chunk in _batches(order, self.batch_size):
@@ -275,15 +308,21 @@ class HFScorer:
                 attention_mask=mask.to(self.device),
                 output_hidden_states=True,
             )
-            states = torch.stack(out.hidden_states, dim=1).float()  # [B, L+1, T, D]
-            weights = mask.to(states.device, torch.float32)[:, None, :, None]
-            means = (states * weights).sum(dim=2) / weights.sum(dim=2)
+            means = mean_pool_layers(out.hidden_states, mask)
             for row, i in enumerate(chunk):
                 pooled[i] = means[row].cpu()
         return torch.stack([p for p in pooled if p is not None])
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def mean_pool_layers(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L+1, D]`` float32: each layer's ``[B, T, D]`` output averaged over unmasked tokens."""
+    states = torch.stack(tuple(hidden_states), dim=1).float()  # [B, L+1, T, D]
+    weights = mask.to(states.device, torch.float32)[:, None, :, None]
+    return ((states * weights).sum(dim=2) / weights.sum(dim=2)).cpu()
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids of the model's generation config and of the tokenizer."""
     found: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
@@ -294,7 +333,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return found
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = len(text)
     for s in stop:
         at = text.find(s)

@@ -1,9 +1,10 @@
 """The four benchmark formats as functions of a :class:`Scorer`, sharded over ranks.
 
-When ``torch.distributed`` is initialised each rank takes every ``world``-th row of each
-language (``rows[rank::world]``), scores its share, and the per-language counts are summed in
-one all-reduce per task, so every rank ends with the same numbers as a single process would
-get. Bitext retrieval needs every embedding (it is a nearest-neighbour search over the whole
+When ``torch.distributed`` is initialised each data shard takes every n-th row of each
+language (``rows[shard::n]``; the shard is the rank, or a training engine's data-parallel rank
+when ranks share a model-parallel group), scores its share, and the per-language counts are
+summed in one all-reduce per task, so every rank ends with the same numbers as a single
+process would get. Bitext retrieval needs every embedding (it is a nearest-neighbour search over the whole
 set), so the pooled states are all-gathered and put back in row order instead. With no process
 group (or a group of one) nothing is communicated.
 """
@@ -82,40 +83,69 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(rows: Sequence[T]) -> list[T]:
-    """This rank's rows: every world-th row starting at its rank (balanced within one row)."""
-    rank, world = rank_and_world()
-    return list(rows[rank::world])
+Layout = tuple[int, int]  # (this rank's data shard, number of shards)
 
 
-def all_reduce_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sum over ranks (float64: exact for counts, stable for log-likelihoods)."""
+def data_layout(scorer: Any) -> Layout:
+    """Which share of the rows this rank scores: the scorer's ``data_shard`` (an engine's
+    data-parallel rank and size: ranks of one tensor/pipeline group score the same rows
+    together) when it has one, else (rank, world)."""
+    layout = getattr(scorer, "data_shard", None)
+    return (int(layout[0]), int(layout[1])) if layout is not None else rank_and_world()
+
+
+def shard(rows: Sequence[T], layout: Layout | None = None) -> list[T]:
+    """This rank's rows: every n-th row starting at its shard (balanced within one row)."""
+    index, count = layout or rank_and_world()
+    return list(rows[index::count])
+
+
+def _one_per_shard(local: Any, layout: Layout) -> list[Any]:
+    """Every shard's ``local``, in shard order, taking one rank per shard (model-parallel
+    replicas of a shard computed the same thing)."""
+    parts: list[Any] = [None] * rank_and_world()[1]
+    dist.all_gather_object(parts, (layout[0], local))
+    by_shard: dict[int, Any] = {}
+    for index, value in parts:
+        by_shard.setdefault(index, value)
+    if sorted(by_shard) != list(range(layout[1])):
+        raise RuntimeError(f"data shards {sorted(by_shard)} do not cover 0..{layout[1] - 1}")
+    return [by_shard[i] for i in range(layout[1])]
+
+
+def all_reduce_sum(values: Sequence[float], layout: Layout | None = None) -> list[float]:
+    """Element-wise sum over shards (float64: exact for counts, stable for log-likelihoods)."""
     _, world = rank_and_world()
+    layout = layout or rank_and_world()
     if world == 1:
         return [float(v) for v in values]
-    tensor = torch.tensor(list(values), dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    if layout[1] == world:  # one rank per shard: a plain all-reduce
+        tensor = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+    parts = _one_per_shard([float(v) for v in values], layout)
+    return torch.tensor(parts, dtype=torch.float64).sum(dim=0).tolist()
 
 
-def gather_sharded(local: Sequence[T], total: int) -> list[T]:
+def gather_sharded(local: Sequence[T], total: int, layout: Layout | None = None) -> list[T]:
     """Undo :func:`shard`: every rank gets all ``total`` items back in their original order."""
     _, world = rank_and_world()
+    layout = layout or rank_and_world()
     if world == 1:
         return list(local)
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, list(local))
-    merged: list[T] = []
-    for i in range(total):
-        merged.append(parts[i % world][i // world])
-    return merged
+    parts = _one_per_shard(list(local), layout)
+    count = layout[1]
+    return [parts[i % count][i // count] for i in range(total)]
 
 
 def _reduce_counts(
-    local: Mapping[str, Mapping[str, float]], languages: Sequence[str], keys: Sequence[str]
+    local: Mapping[str, Mapping[str, float]],
+    languages: Sequence[str],
+    keys: Sequence[str],
+    layout: Layout | None = None,
 ) -> dict[str, dict[str, float]]:
     flat = [local.get(lang, {}).get(k, 0.0) for lang in languages for k in keys]
-    summed = all_reduce_sum(flat)
+    summed = all_reduce_sum(flat, layout)
     it = iter(summed)
     return {lang: {k: next(it) for k in keys} for lang in languages}
 
@@ -163,10 +193,11 @@ def evaluate_xcopa(
 ) -> TaskResult:
     """Accuracy of picking the choice with the higher summed log-likelihood (ties: choice 1)."""
     languages = sorted(rows_by_lang)
+    layout = data_layout(scorer)
     local: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
     for lang in languages:
-        rows = shard(rows_by_lang[lang])
+        rows = shard(rows_by_lang[lang], layout)
         requests: list[tuple[str, str]] = []
         for row in rows:
             context, choices = xcopa_request(row, connectors)
@@ -183,7 +214,7 @@ def evaluate_xcopa(
                     {"idx": row.idx, "label": row.label, "pred": pred, "logprobs": [first, second]}
                 )
         local[lang] = {"correct": float(correct), "total": float(len(rows))}
-    counts = _reduce_counts(local, languages, ("correct", "total"))
+    counts = _reduce_counts(local, languages, ("correct", "total"), layout)
     return TaskResult("xcopa", "acc", _accuracy(counts), counts, {"samples": samples})
 
 
@@ -195,10 +226,11 @@ def evaluate_mgsm(
 ) -> TaskResult:
     """Exact numeric match of the last number in the greedy answer (``eval.answers``)."""
     languages = sorted(rows_by_lang)
+    layout = data_layout(scorer)
     local: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
     for lang in languages:
-        rows = shard(rows_by_lang[lang])
+        rows = shard(rows_by_lang[lang], layout)
         with speaking(scorer, lang):
             outputs = scorer.generate(
                 [mgsm_prompt(r.question, template) for r in rows], max_new_tokens
@@ -212,7 +244,7 @@ def evaluate_mgsm(
                     {"idx": row.idx, "gold": row.answer, "predicted": predicted, "output": text}
                 )
         local[lang] = {"correct": float(correct), "total": float(len(rows))}
-    counts = _reduce_counts(local, languages, ("correct", "total"))
+    counts = _reduce_counts(local, languages, ("correct", "total"), layout)
     return TaskResult("mgsm", "acc", _accuracy(counts), counts, {"samples": samples})
 
 
@@ -225,6 +257,7 @@ def evaluate_bitext(
     curves indexed by layer (0 = embeddings); the headline number is the best layer's mean
     of the two directions.
     """
+    layout = data_layout(scorer)
     per_language: dict[str, float] = {}
     counts: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
@@ -234,15 +267,15 @@ def evaluate_bitext(
             raise ValueError(
                 f"bitext {lang}: need at least 2 pairs to retrieve among, got {len(pairs)}"
             )
-        local = shard(pairs)
-        rows = []
-        if local:
-            with speaking(scorer, "en"):
-                en_states = scorer.hidden_states([p.en for p in local])
-            with speaking(scorer, lang):
-                tgt_states = scorer.hidden_states([p.target for p in local])
-            rows = list(zip(en_states, tgt_states, strict=True))
-        merged = gather_sharded(rows, len(pairs))
+        local = shard(pairs, layout)
+        # Called on every rank, with or without a share: on a partitioned model a forward is a
+        # collective.
+        with speaking(scorer, "en"):
+            en_states = scorer.hidden_states([p.en for p in local])
+        with speaking(scorer, lang):
+            tgt_states = scorer.hidden_states([p.target for p in local])
+        rows = list(zip(en_states, tgt_states, strict=True))
+        merged = gather_sharded(rows, len(pairs), layout)
         en = torch.stack([m[0] for m in merged])  # [N, L+1, D]
         tgt = torch.stack([m[1] for m in merged])
         x2en = [
@@ -267,9 +300,10 @@ def evaluate_perplexity(scorer: Scorer, texts_by_lang: Mapping[str, Sequence[str
     UTF-8 byte of text) is also given: it compares across languages and tokenizers.
     """
     languages = sorted(texts_by_lang)
+    layout = data_layout(scorer)
     local: dict[str, dict[str, float]] = {}
     for lang in languages:
-        texts = shard(texts_by_lang[lang])
+        texts = shard(texts_by_lang[lang], layout)
         with speaking(scorer, lang):
             scores = scorer.loglikelihood([("", t) for t in texts])
         local[lang] = {
@@ -277,7 +311,7 @@ def evaluate_perplexity(scorer: Scorer, texts_by_lang: Mapping[str, Sequence[str
             "tokens": float(sum(s.num_tokens for s in scores)),
             "bytes": float(sum(len(t.encode("utf-8")) for t in texts)),
         }
-    counts = _reduce_counts(local, languages, ("nll", "tokens", "bytes"))
+    counts = _reduce_counts(local, languages, ("nll", "tokens", "bytes"), layout)
     per_language = {
         lang: math.exp(c["nll"] / c["tokens"]) if c["tokens"] else math.nan
         for lang, c in counts.items()

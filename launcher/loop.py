@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data.batching import DataPosition, GlobalBatchStream, rank_micro_batches
 from data.formatting import Batch, Example, collate, num_label_tokens
 from data.pipeline import RunData, build_run_data
+from eval.engine import check_benchmarks, run_benchmarks
 from launcher.checkpoints import CheckpointStore, step_tag
 from launcher.recipe import dump_recipe
 from launcher.schema import Recipe
@@ -123,8 +124,10 @@ def evaluate(
     """
     ordered = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    mine = batches[ctx.rank :: ctx.world_size]
-    rounds = math.ceil(len(batches) / ctx.world_size)
+    # Shards over data-parallel ranks; the ranks of one model-parallel group see the same batch.
+    rank, world = engine.dp_rank, engine.dp_size
+    mine = batches[rank::world]
+    rounds = math.ceil(len(batches) / world)
     k = len(data.languages)
     sums = torch.zeros(2 * k, dtype=torch.float64)
     for r in range(rounds):
@@ -134,7 +137,7 @@ def evaluate(
         lang = batch.lang_ids
         sums[:k].index_add_(0, lang, loss_sum.double().cpu() * weight)
         sums[k:].index_add_(0, lang, count.double().cpu() * weight)
-    all_reduce_sum_(sums)
+    all_reduce_sum_(sums)  # counts each DP shard once per model-parallel rank: ratios hold
     return {
         lang: (sums[i] / sums[k + i]).item()
         for i, lang in enumerate(data.languages)
@@ -178,6 +181,10 @@ def build_engine(recipe: Recipe, ctx: DistContext, backbone, method):
         from parallel.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(recipe, ctx, backbone, method)
+    if recipe.parallel.engine == "megatron":
+        from parallel.megatron_engine import MegatronEngine
+
+        return MegatronEngine(recipe, ctx, backbone, method)
     raise ValueError(f"parallel.engine: {recipe.parallel.engine!r} is not available")
 
 
@@ -186,7 +193,7 @@ def _save(engine, store: CheckpointStore, state: TrainState, ctx: DistContext, t
     if ctx.is_rank0:
         store.prepare()
     barrier()
-    engine.save(store.staging, tag, state.to_client(engine.method.state_dict()))
+    engine.save(store.staging, tag, state.to_client(engine.method_state()))
     barrier()
     maybe_fail("checkpoint_commit", state.step)
     if ctx.is_rank0:
@@ -241,10 +248,10 @@ def open_session(recipe: Recipe, run_dir: Path) -> Session:
         client = engine.load(resume.root, resume.tag)
         state = TrainState.from_client(client)
         set_rng_state(client["rng"])
-        method.load_state_dict(client.get("method", {}))
+        engine.restore_method(client.get("method", {}))
         _log(ctx, f"resumed from {store.root / tag} at step {state.step}{resume.note}")
     else:
-        method.prepare(engine.forward_module, data.train, recipe.training.eval_batch_size)
+        engine.prepare_method(data.train, recipe.training.eval_batch_size)
     return Session(recipe, run_dir, ctx, tokenizer, data, engine, store, state)
 
 
@@ -287,10 +294,11 @@ def run_training(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 
 def micro_batches(session: Session, global_batch: Sequence[int]) -> list[Batch]:
     """This rank's micro-batches of a global batch, each carrying the global token normaliser."""
-    t, ctx, data = session.recipe.training, session.ctx, session.data
+    t, engine, data = session.recipe.training, session.engine, session.data
     label_tokens = sum(num_label_tokens(data.train[i]) for i in global_batch)
-    per_rank = rank_micro_batches(global_batch, t.micro_batch_size, ctx.rank, ctx.world_size)
-    normalizer = max(1, label_tokens) / (ctx.world_size * len(per_rank))
+    dp_rank, dp_size = engine.dp_rank, engine.dp_size
+    per_rank = rank_micro_batches(global_batch, t.micro_batch_size, dp_rank, dp_size)
+    normalizer = max(1, label_tokens) / (dp_size * len(per_rank))
     pad_id = session.tokenizer.pad_token_id
     return [
         replace(
@@ -315,6 +323,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         tracker.log_metrics(engine.method.metrics(), step)
         return result
 
+    check_benchmarks(session)  # the eval: section's files, read before any training
     if state.eval_before is None:
         state.eval_before = run_eval(0)
         _log(ctx, "held-out loss before training:\n" + format_eval_table(None, state.eval_before))
@@ -383,6 +392,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
             tracker.log_artifact(path, f"method/{recipe.method.name}")
         if recipe.tracking.log_model:
             tracker.log_hf_model(export_dir)
+    benchmarks = run_benchmarks(session, tracker, state.step)  # recipe eval:, on the engine
     counts = torch.tensor(engine.param_counts(), dtype=torch.long)
     shards = [torch.zeros_like(counts) for _ in range(ctx.world_size)]
     if torch.distributed.is_initialized():
@@ -398,6 +408,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         "method_metrics": state.method_metrics,
         "eval_before": state.eval_before,
         "eval_after": after,
+        "benchmarks": benchmarks,
         "export_dir": str(export_dir) if export_dir else None,
         "mlflow_run_id": tracker.run_id,
     }

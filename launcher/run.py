@@ -48,6 +48,26 @@ def preflight(recipe: Recipe) -> None:
     looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
     if looks_local and not Path(backbone).expanduser().exists():
         raise RecipeError(f"model.backbone: {backbone} does not exist")
+    if recipe.parallel.engine == "megatron":
+        errors = megatron_layout_errors(recipe)
+        if errors:
+            raise RecipeError("invalid layout\n  " + "\n  ".join(errors))
+
+
+def megatron_layout_errors(recipe: Recipe) -> list[str]:
+    """TP/PP against the backbone's shape (its local config, else the known-architecture table;
+    a hub id that is neither is checked when the engine reads its config)."""
+    from parallel.megatron_model import layout_errors
+    from parallel.plan import resolve_arch
+
+    try:
+        arch = resolve_arch(recipe)
+    except SystemExit:
+        return []
+    p = recipe.parallel
+    return layout_errors(
+        arch.layers, arch.heads, arch.kv_heads, p.tensor_parallel, p.pipeline_parallel
+    )
 
 
 def dry_run(recipe: Recipe) -> None:
@@ -57,6 +77,19 @@ def dry_run(recipe: Recipe) -> None:
     device = resolve_device(recipe.cluster.device)
     print("# resolved recipe")
     print(dump_recipe(recipe))
+    if recipe.parallel.engine == "megatron":
+        p = recipe.parallel
+        layout = {
+            "tensor_parallel": p.tensor_parallel,
+            "pipeline_parallel": p.pipeline_parallel,
+            "data_parallel": recipe.data_parallel_size,
+            "micro_batches_per_step": recipe.grad_accum_steps,
+            "sequence_parallel": p.sequence_parallel,
+            "distributed_optimizer": p.distributed_optimizer,
+        }
+        print(f"# resolved megatron layout (device: {device})")
+        print(json.dumps(layout, indent=2))
+        return
     print(f"# resolved DeepSpeed config (device: {device})")
     print(json.dumps(build_deepspeed_config(recipe, device), indent=2))
 

@@ -7,6 +7,7 @@ never silently falls back to a default on a 70B run.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -191,13 +192,23 @@ class TrainingSection(Section):
 
 
 class ParallelSection(Section):
-    engine: Literal["deepspeed"] = "deepspeed"
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    engine: Literal["deepspeed", "megatron"] = Field(
+        "deepspeed",
+        description="deepspeed: ZeRO data parallelism; megatron: megatron-core tensor/pipeline "
+        "parallelism (data, method and tracking sections are the same).",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="deepspeed only.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU."
     )
-    tensor_parallel: PositiveInt = 1
-    pipeline_parallel: PositiveInt = 1
+    tensor_parallel: PositiveInt = Field(1, description="megatron: TP size (within a node).")
+    pipeline_parallel: PositiveInt = Field(1, description="megatron: pipeline stages.")
+    sequence_parallel: bool = Field(
+        False, description="megatron, TP > 1, GPU: shard norms/activations along the sequence."
+    )
+    distributed_optimizer: bool = Field(
+        False, description="megatron, GPU: shard the optimizer state over data-parallel ranks."
+    )
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict[str, Any] = Field(
@@ -249,6 +260,70 @@ class CheckpointSection(Section):
     export: bool = True
 
 
+EVAL_TASKS = ("xcopa", "mgsm", "bitext", "ppl")
+EvalTask = Literal["xcopa", "mgsm", "bitext", "ppl"]
+
+
+class EvalSection(Section):
+    """Benchmarks (DESIGN.md "Evaluation formats") run on the training engine after training;
+    also the options of ``python -m eval.run``, so a recipe and the CLI share one definition.
+    No tasks (the default): nothing runs."""
+
+    tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description="xcopa (log-likelihood multiple choice), mgsm (generation, numeric answer), "
+        "bitext (retrieval per layer), ppl (perplexity); empty: no evaluation.",
+    )
+    languages: list[str] | None = Field(
+        None, min_length=1, description="Benchmark languages; default: the run's languages."
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Shared data folder; default: $POLYSHIFT_SHARED_DATA, else ../shared/data.",
+    )
+    files: dict[EvalTask, str] = Field(
+        default_factory=dict,
+        description="Per task, a path pattern with {lang} replacing the data_dir layout, e.g. "
+        "mgsm: ../shared/data/mgsm/{lang}.jsonl.",
+    )
+    limit: PositiveInt | None = Field(None, description="First N rows per language and task.")
+    batch_size: PositiveInt = 8
+    max_new_tokens: PositiveInt = Field(256, description="mgsm: greedy tokens per answer.")
+    max_length: PositiveInt | None = Field(
+        None, description="Longest scored sequence (cut on the left); default: the model's."
+    )
+    mgsm_template: str = Field("{question}", description="mgsm prompt; must hold {question}.")
+    chat: bool = Field(True, description="Chat-format generation prompts (the training format).")
+    system_prompt: str | None = Field(
+        None, description="Generation system prompt; after training: data.system_prompt if unset."
+    )
+    shift: bool = Field(True, description="ShifCon: score with the per-language shift on.")
+    pivot: str = Field("en", description="bitext/ppl: the language parallel texts pair with.")
+
+    @field_validator("files")
+    @classmethod
+    def _lang_pattern(cls, value: dict[str, str]) -> dict[str, str]:
+        for task, pattern in value.items():
+            if "{lang}" not in pattern:
+                raise ValueError(f"{task}: {pattern!r} must contain {{lang}}")
+        return value
+
+    @field_validator("mgsm_template")
+    @classmethod
+    def _has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("must contain {question}")
+        try:
+            value.format(question="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("only {question} may be a placeholder (double other braces)") from None
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -263,6 +338,7 @@ class Recipe(Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @field_validator("name")
     @classmethod
@@ -309,6 +385,18 @@ class Recipe(Section):
                 "parallel.tensor_parallel/pipeline_parallel: the deepspeed engine is data-parallel"
                 " (ZeRO); tensor or pipeline parallelism needs parallel.engine: megatron"
             )
+        if self.parallel.engine == "megatron":
+            if self.method.name == "lens":
+                raise ValueError(
+                    "method.name: lens runs on the deepspeed engine only (parallel.engine)"
+                )
+            if self.method.name == "shifcon" and self.method.band == "auto":
+                raise ValueError(
+                    "method.band: auto needs the deepspeed engine; pick the band with "
+                    "`python -m model.probe` and write it into the recipe"
+                )
+            if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
+                raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")
         t, dp = self.training, self.data_parallel_size
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ValueError(

@@ -69,29 +69,22 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def build_method(recipe, data, tokenizer) -> Method:
-    if recipe.method.name == "sft":
+    name = recipe.method.name
+    if name == "sft":
         return SFT()
-    if recipe.method.name == "shifcon":
+    common = {
+        "languages": data.languages,
+        "tokenizer": tokenizer,
+        "train_rows": data.train_rows,
+        "seed": recipe.training.seed,
+        "on_bad_row": recipe.data.on_bad_row,
+    }
+    if name == "shifcon":
         from model.shifcon import ShifCon
 
-        return ShifCon(
-            recipe.method,
-            languages=data.languages,
-            tokenizer=tokenizer,
-            train_rows=data.train_rows,
-            seed=recipe.training.seed,
-            on_bad_row=recipe.data.on_bad_row,
-        )
-    if recipe.method.name == "lens":
+        return ShifCon(recipe.method, **common)
+    if name == "lens":
         from model.lens import Lens
 
-        return Lens(
-            recipe.method,
-            languages=data.languages,
-            tokenizer=tokenizer,
-            train_rows=data.train_rows,
-            seed=recipe.training.seed,
-            on_bad_row=recipe.data.on_bad_row,
-            system_prompt=recipe.data.system_prompt,
-        )
-    raise ValueError(f"method.name: no implementation for {recipe.method.name!r}")
+        return Lens(recipe.method, **common, system_prompt=recipe.data.system_prompt)
+    raise ValueError(f"method.name: no implementation for {name!r}")

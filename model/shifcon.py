@@ -187,7 +187,9 @@ class ShifCon(Method):
         self.band: tuple[int, int] | None = None if cfg.band == "auto" else tuple(cfg.band)
         # Vectors of every layer the method touches: f..b (shift at f and b, MCL fallback
         # for [f, b)). A pipeline stage would keep only its own layers' rows.
-        self.layers: list[int] = []
+        self.layers: list[int] = (
+            [] if self.band is None else list(range(self.band[0], self.band[1] + 1))
+        )
         self.probe_result = None  # ProbeResult when the band was chosen by the probe
         self.stats: LanguageStats | None = None
         self.calls = 0  # contrastive batches drawn so far (resumable pair order)
@@ -306,8 +308,10 @@ class ShifCon(Method):
             **{LANG_KWARG: batch.lang_ids},
         ).logits
 
-    def _pair_batch(self) -> list[Pair]:
-        rank, world = _rank_world()
+    def _pair_batch(self, rank: int | None = None, world: int | None = None) -> list[Pair]:
+        """The next contrastive pairs of this data-parallel rank (resumable: seeded by call)."""
+        if rank is None or world is None:
+            rank, world = _rank_world()
         rng = random.Random(self.seed * 1_000_003 + self.calls * world + rank)
         self.calls += 1
         size = min(self.cfg.mcl_batch_size, len(self.pairs))
@@ -370,7 +374,8 @@ class ShifCon(Method):
             self._set_band(tuple(state["band"]))
         if state.get("stats") is not None:
             self.stats = LanguageStats.from_state_dict(state["stats"], device=self.device)
-            self.hooks.set_vectors(self.stats)
+            if self.hooks is not None:  # the megatron engine places its own shift layers
+                self.hooks.set_vectors(self.stats)
 
     def export(self, directory: Path) -> None:
         save_shifcon(directory, self.stats, self.band, self.cfg.vector_mode)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from data.formatting import Batch
+from data.formatting import Batch, Example
 from model.losses import per_sample_lm_loss
 from model.methods import Method
 from parallel.distributed import DistContext
@@ -58,6 +58,18 @@ class Engine(ABC):
         return per_sample_lm_loss(
             self.forward_logits(batch), batch.labels.to(self.ctx.torch_device)
         )
+
+    def prepare_method(self, examples: Sequence[Example], batch_size: int) -> None:
+        """The method's one-off work before the first step of a fresh run (e.g. vectors)."""
+        self.method.prepare(self.forward_module, examples, batch_size)
+
+    def restore_method(self, state: dict[str, Any]) -> None:
+        """Give the method back the state it had at the checkpoint."""
+        self.method.load_state_dict(state)
+
+    def method_state(self) -> dict[str, Any]:
+        """The method's state for a checkpoint (a collective where the engine must gather it)."""
+        return self.method.state_dict()
 
     @abstractmethod
     def param_counts(self) -> tuple[int, int]:

@@ -1,0 +1,242 @@
+"""A megatron-core GPTModel built from a Hugging Face Llama-family config.
+
+Llama, Mistral, Qwen2 (and SmolLM, a Llama) share one decoder: RMSNorm, SwiGLU, RoPE and
+grouped-query attention, with tied or untied embeddings and, for Qwen2, a QKV bias. That shape
+is read from the HF config once (`DecoderShape`); the megatron `TransformerConfig`, the layer
+specs and the weight converter (`parallel/megatron_convert.py`) all start from it.
+
+Layer specs are megatron-core's own local (non-Transformer-Engine) specs; a method may swap the
+layer class of chosen (global) layer numbers, which is how ShifCon's shift layers are placed on
+whichever pipeline stage owns them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    model_type: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    eps: float
+    rope_theta: float
+    max_positions: int
+    llama3_rope: dict[str, float] | None = None  # Llama 3.1-style frequency scaling
+
+    @classmethod
+    def from_hf(cls, config: Any) -> DecoderShape:
+        """Read the decoder shape; refuse what this engine would silently get wrong."""
+        model_type = getattr(config, "model_type", "?")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model.backbone: the megatron engine supports {SUPPORTED_MODEL_TYPES}, "
+                f"got model_type {model_type!r}"
+            )
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        legacy = getattr(config, "rope_scaling", None)
+        if isinstance(legacy, dict):
+            rope = {**legacy, **rope}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"model.backbone: RoPE type {rope_type!r} is not supported")
+        heads = config.num_attention_heads
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"model.backbone: activation {act!r} (need silu / SwiGLU)")
+        if model_type == "llama" and getattr(config, "mlp_bias", False):
+            raise ValueError("model.backbone: MLP biases are not supported")
+        qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        return cls(
+            model_type=model_type,
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            ffn=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            eps=float(config.rms_norm_eps),
+            rope_theta=float(theta),
+            max_positions=config.max_position_embeddings,
+            llama3_rope=({"factor": float(rope["factor"])} if rope_type == "llama3" else None),
+        )
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the Hugging Face model (what the whole pipeline holds, once)."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = 2 * h + (q + 2 * kv) * h + q * h + 3 * h * self.ffn
+        layer += (q + 2 * kv) if self.qkv_bias else 0
+        heads = 1 if self.tied else 2
+        return self.layers * layer + heads * self.vocab * h + h
+
+    def padded_vocab(self, tp: int) -> int:
+        """Vocab rows padded to a multiple of TP (megatron splits the vocab evenly)."""
+        return math.ceil(self.vocab / tp) * tp
+
+
+def layout_errors(layers: int, heads: int, kv_heads: int, tp: int, pp: int) -> list[str]:
+    """What makes a TP/PP layout impossible for a decoder, as field-named messages."""
+    errors = []
+    if layers % pp:
+        errors.append(f"parallel.pipeline_parallel: {pp} stages do not divide the {layers} layers")
+    if heads % tp:
+        errors.append(f"parallel.tensor_parallel: {tp} does not divide the {heads} attention heads")
+    if kv_heads % tp:
+        errors.append(f"parallel.tensor_parallel: {tp} does not divide the {kv_heads} KV heads")
+    return errors
+
+
+def transformer_config(
+    shape: DecoderShape,
+    *,
+    tp: int,
+    pp: int,
+    dtype: torch.dtype,
+    sequence_parallel: bool,
+    recompute: bool,
+    on_gpu: bool,
+):
+    """The megatron TransformerConfig for this shape and layout (no dropout: fine-tuning)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=shape.layers,
+        hidden_size=shape.hidden,
+        ffn_hidden_size=shape.ffn,
+        num_attention_heads=shape.heads,
+        num_query_groups=shape.kv_heads,
+        kv_channels=shape.head_dim,
+        layernorm_epsilon=shape.eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Micro-batches differ in length (length-bucketed batches) and ShifCon's contrastive
+        # rows leave the batch after layer b-1: stages exchange shapes with each activation.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # dense model; the default rejects the line above
+        # Weights come from the HF checkpoint: no random init of a 70B model first.
+        perform_initialization=False,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def stage_layers(config, pp_rank: int) -> range:
+    """Global 1-based decoder layer numbers that pipeline stage `pp_rank` owns."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return range(offset + 1, offset + count + 1)
+
+
+LayerClassFor = Callable[[int], type | None]  # global layer number -> layer class (None: default)
+
+
+def decoder_block_spec(config, pp_rank: int, layer_class_for: LayerClassFor | None = None):
+    """megatron-core's local block spec for this stage, with a method's layer classes swapped in
+    at the global layer numbers it asks for."""
+    from dataclasses import replace as dc_replace
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=pp_rank
+    )
+    if layer_class_for is None:
+        return spec
+    numbers = stage_layers(config, pp_rank)
+    specs = []
+    for number, layer_spec in zip(numbers, spec.layer_specs, strict=True):
+        cls = layer_class_for(number)
+        specs.append(layer_spec if cls is None else dc_replace(layer_spec, module=cls))
+    return dc_replace(spec, layer_specs=specs)
+
+
+def build_gpt_model(
+    shape: DecoderShape,
+    config,
+    *,
+    tp: int,
+    pp_rank: int,
+    pp: int,
+    layer_class_for: LayerClassFor | None = None,
+):
+    """This stage's GPTModel chunk (embedding on the first stage, head on the last)."""
+    from megatron.core.models.gpt import GPTModel
+
+    kwargs: dict[str, Any] = {}
+    if shape.llama3_rope is not None:
+        kwargs.update(rope_scaling=True, rope_scaling_factor=shape.llama3_rope["factor"])
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, pp_rank, layer_class_for),
+        vocab_size=shape.padded_vocab(tp),
+        max_sequence_length=shape.max_positions,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
+        share_embeddings_and_output_weights=shape.tied,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta)
+        if float(shape.rope_theta).is_integer()
+        else shape.rope_theta,
+        parallel_output=False,  # full logits on every TP rank: the loss is the shared one
+        **kwargs,
+    )
+
+
+def summary(shape: DecoderShape, tp: int, pp: int, dp: int) -> Mapping[str, Any]:
+    """What --dry-run prints for the megatron engine."""
+    return {
+        "model_type": shape.model_type,
+        "layers": shape.layers,
+        "hidden": shape.hidden,
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "tensor_parallel": tp,
+        "pipeline_parallel": pp,
+        "data_parallel": dp,
+        "layers_per_stage": shape.layers // pp,
+        "padded_vocab": shape.padded_vocab(tp),
+    }
