@@ -67,9 +67,8 @@ class ShifConLayer(TransformerLayer):
 def row_context(role: int, langs: Tensor, lengths: Tensor, micro: int) -> Tensor:
     """``[rows, 4]`` long: (role, language id, content length, micro-batch index)."""
     n = langs.shape[0]
-    return torch.stack(
-        [torch.full((n,), role), langs.long(), lengths.long(), torch.full((n,), micro)], dim=1
-    )
+    columns = [torch.full((n,), role), langs.cpu(), lengths.cpu(), torch.full((n,), micro)]
+    return torch.stack([c.long() for c in columns], dim=1)
 
 
 def _pad_to(t: Tensor, width: int, value: int) -> Tensor:
@@ -159,17 +158,16 @@ class ShifConStage:
     def after_layer(self, number: int, hidden: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """hidden ``[s, rows, h]`` (``[s/tp, rows, h]`` under sequence parallelism)."""
         roles, langs = context[:, 0], context[:, 1]
-        ctx_dev = context.to(hidden.device)
         if number in self.own:
-            self._statistics(number, hidden, ctx_dev)
+            self._statistics(number, hidden, context)
         if self.f <= number < self.b and bool((roles == ROLE_ANCHOR).any()):
-            hidden = self._contrast(number, hidden, ctx_dev)
+            hidden = self._contrast(number, hidden, context)
         if number in (self.f, self.b) and bool((roles == ROLE_LM).any()):
             ids = torch.where(roles == ROLE_LM, langs, torch.full_like(langs, self.method.dominant))
-            hidden = self._shift(number, hidden, ids.to(hidden.device))
+            hidden = self._shift(number, hidden, ids)
         if number == self.drop_after and bool(_is_pair(roles).any()):
             keep = ~_is_pair(roles)
-            hidden = hidden[:, keep.to(hidden.device)].contiguous()
+            hidden = hidden[:, keep].contiguous()
             context = context[keep]
         return hidden, context
 

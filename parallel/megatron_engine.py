@@ -277,7 +277,7 @@ class MegatronEngine(Engine):
             positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
             extra = None
             if feed.context is not None:
-                extra = {"context": self.stage.rows_reaching_stage(feed.context)}
+                extra = {"context": self.stage.rows_reaching_stage(feed.context).to(device)}
             # No attention mask: rows are right-padded and attention is causal, so content
             # positions never see padding (padding positions are masked out of every loss).
             output = model(ids, positions, None, extra_block_kwargs=extra)
@@ -452,10 +452,12 @@ class MegatronEngine(Engine):
         directory = root / tag
         if self.ctx.is_rank0:
             directory.mkdir(parents=True, exist_ok=True)
-            torch.save(client_state, directory / CLIENT_STATE)
         dist.barrier()
         with self.device_scope():
             dist_checkpointing.save(self._sharded_state(loading=False), str(directory))
+        if self.ctx.is_rank0:  # after: megatron refuses to write into a non-empty directory
+            torch.save(client_state, directory / CLIENT_STATE)
+        dist.barrier()
 
     def load(self, root: Path, tag: str) -> dict[str, Any]:
         from megatron.core import dist_checkpointing

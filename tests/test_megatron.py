@@ -36,8 +36,8 @@ def export_weights(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _recipe(model_dir: Path, out: Path, run: str, *, engine="megatron", tp=1, pp=1, **method):
-    workers = tp * pp if engine == "megatron" else 1
+def _recipe(model_dir: Path, out: Path, run: str, *, engine="megatron", tp=1, pp=1, dp=1, **method):
+    workers = tp * pp * dp if engine == "megatron" else 1
     recipe = tiny_recipe(
         model_dir,
         out,
@@ -72,6 +72,7 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
         {"name": "pp2_resumed", "recipe": _recipe(m, tmp, "pp2_resumed", pp=2,
                                                   vector_mode="running"),
          "train": True, "stages": [2, STEPS]},
+        {"name": "dp2", "recipe": _recipe(m, tmp, "dp2", dp=2), "train": True, "stages": [1]},
     ]  # fmt: skip
     spec = tmp / "jobs.json"
     spec.write_text(json.dumps(jobs))
@@ -220,7 +221,9 @@ def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_d
     assert all(torch.equal(exported[k], v) for k, v in original.items())
 
 
-@pytest.mark.parametrize("job,ref,rtol", [("tp2", "ds_precompute", 2e-3), ("pp2", "ds_running", 1e-5)])
+@pytest.mark.parametrize(
+    "job,ref,rtol", [("tp2", "ds_precompute", 2e-3), ("pp2", "ds_running", 1e-5)]
+)
 def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
     tmp, refs = megatron_runs
     ours, theirs = _summary(tmp / job), _summary(refs[ref])
@@ -275,3 +278,14 @@ def test_resume_from_distributed_checkpoint_is_exact(megatron_runs):
     vb = load_file(resumed / "export" / "shifcon_vectors.safetensors")
     assert all(torch.equal(va[k], vb[k]) for k in va)
     assert os.path.isdir(resumed / "checkpoints" / "step_00000002")
+
+
+def test_vectors_are_reduced_over_data_parallel_ranks(megatron_runs):
+    """DP=2: each rank precomputes on half the samples; the all-reduced vectors equal one
+    process's over all of them (the DeepSpeed reference)."""
+    tmp, refs = megatron_runs
+    ours = load_file(tmp / "dp2" / "export" / "shifcon_vectors.safetensors")
+    ref = load_file(refs["ds_precompute"] / "export" / "shifcon_vectors.safetensors")
+    assert torch.equal(ours["counts"], ref["counts"])
+    torch.testing.assert_close(ours["vectors"], ref["vectors"], rtol=1e-5, atol=1e-6)
+    assert _summary(tmp / "dp2")["world_size"] == 2
