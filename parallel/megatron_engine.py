@@ -10,6 +10,7 @@ are megatron-core distributed checkpoints, which reload into any TP/PP/DP layout
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +41,14 @@ from parallel.megatron_model import (
 )
 
 CLIENT_STATE = "polyshift_client_state.pt"
+
+# megatron-core announces every optional kernel it falls back from; the local spec is a choice.
+for _message in (
+    r".*(Transformer Engine|Apex).* not installed",
+    r"full scope is deprecated",
+    r"When using async grad allreduce",
+):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 
 @dataclass
