@@ -58,20 +58,6 @@ def _max_over_ranks(value: int) -> int:
     return int(tensor.item())
 
 
-class _KeepOutput:
-    """Stands in for the forward module inside ``method.logits``: adds
-    ``output_hidden_states=True`` and keeps the whole output, so hidden states come from the
-    method's own forward (e.g. with ShifCon's language ids) without knowing the method."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.output: Any = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.output = self.module(*args, output_hidden_states=True, **kwargs)
-        return self.output
-
-
 class EngineScorer(TextEncoder):
     """:class:`Scorer` over a training engine (every rank constructs one and calls it alike).
 
@@ -233,22 +219,15 @@ class EngineScorer(TextEncoder):
         return torch.stack([p for p in pooled if p is not None])
 
     def _forward_hidden(self, batch: Batch) -> Sequence[torch.Tensor]:
-        """Every layer's output, through the method's forward on the engine's module."""
-        module = self.engine.forward_module
-        was_training = bool(getattr(module, "training", False))
-        keep = _KeepOutput(module)
-        module.eval()
+        """Every layer's output, from the engine (through the method's forward)."""
+        self.forwards += 1
         try:
-            self.forwards += 1
-            self.engine.method.logits(keep, batch.to(self.engine.ctx.torch_device))
+            states = self.engine.hidden_states(batch)
         except TypeError as exc:  # a forward without an output_hidden_states argument
             raise EngineUnsupported(
                 f"{type(self.engine).__name__}: hidden states unavailable ({exc}); evaluate "
                 "bitext on the export (python -m eval.run --model RUN/export)"
             ) from None
-        finally:
-            module.train(was_training)
-        states = getattr(keep.output, "hidden_states", None)
         if not states:
             raise EngineUnsupported(
                 f"{type(self.engine).__name__}: its forward module returns no hidden states; "

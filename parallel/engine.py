@@ -59,6 +59,26 @@ class Engine(ABC):
             self.forward_logits(batch), batch.labels.to(self.ctx.torch_device)
         )
 
+    @torch.no_grad()
+    def hidden_states(self, batch: Batch) -> Sequence[torch.Tensor]:
+        """Eval-mode output of every layer, ``[B, T, D]`` each (0: embeddings, L: after the
+        final norm, as transformers reports them), through the method's forward (so ShifCon's
+        shift shows); a collective like `forward_logits`. Default: the HF forward module's
+        ``output_hidden_states``; a TypeError says the module has no such argument."""
+        module, kept = self.forward_module, []
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            kept.append(module(*args, output_hidden_states=True, **kwargs))
+            return kept[-1]
+
+        was_training = module.training
+        module.eval()
+        try:
+            self.method.logits(forward, batch.to(self.ctx.torch_device))
+        finally:
+            module.train(was_training)
+        return getattr(kept[-1], "hidden_states", None) or ()
+
     def prepare_method(self, examples: Sequence[Example], batch_size: int) -> None:
         """The method's one-off work before the first step of a fresh run (e.g. vectors)."""
         self.method.prepare(self.forward_module, examples, batch_size)

@@ -389,6 +389,50 @@ class MegatronEngine(Engine):
             )
         return logits
 
+    @torch.no_grad()
+    def hidden_states(self, batch: Batch) -> list[Tensor]:
+        """Every layer's output on every rank: each stage records its own layers (after the
+        method's shift, as transformers reports them; the last entry after the final norm),
+        then the stages exchange them."""
+        from megatron.core import parallel_state as ps
+
+        module = self.model.module
+        captured: dict[int, Tensor] = {}
+
+        def record(index: int):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                if self.recipe.parallel.sequence_parallel:
+                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                    hidden = gather_from_sequence_parallel_region(hidden)
+                captured[index] = hidden.transpose(0, 1).float().cpu()
+
+            return hook
+
+        modules = [(layer.layer_number, layer) for layer in module.decoder.layers]
+        if module.pre_process:
+            modules.insert(0, (0, module.embedding))
+        if module.post_process:  # registered last: replaces layer L's entry with the normed one
+            modules.append((self.shape.layers, module.decoder.final_layernorm))
+        handles = [m.register_forward_hook(record(i)) for i, m in modules]
+        try:
+            context = self.stage.lm_rows(batch, 0) if self.stage else None
+            self.model.eval()
+            self._run(
+                [Feed(batch.input_ids, context, batch)],
+                forward_only=True,
+                loss_func=lambda feed, out: (out.new_zeros(()), {}),
+            )
+            self.model.train()
+        finally:
+            for handle in handles:
+                handle.remove()
+        parts: list[Any] = [None] * self.pp
+        dist.all_gather_object(parts, captured, group=ps.get_pipeline_model_parallel_group())
+        merged = {i: t for part in parts for i, t in part.items()}
+        return [merged[i].to(self.ctx.torch_device) for i in range(self.shape.layers + 1)]
+
     # -- method state -----------------------------------------------------------------------
 
     def prepare_method(self, examples: Sequence[Example], batch_size: int) -> None:

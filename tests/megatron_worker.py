@@ -64,6 +64,7 @@ def run_job(job: dict, out: Path) -> None:
     if job.get("logits"):
         batch = _fixed_batch(session)
         logits = engine.forward_logits(batch)
+        hidden = engine.hidden_states(batch)
         if rank == 0:
             torch.save(
                 {
@@ -71,6 +72,7 @@ def run_job(job: dict, out: Path) -> None:
                     "attention_mask": batch.attention_mask,
                     "langs": [session.data.languages[i] for i in batch.lang_ids.tolist()],
                     "logits": logits,
+                    "hidden_states": hidden,
                     "placement": placement,
                 },
                 run_dir / "engine_logits.pt",

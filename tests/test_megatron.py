@@ -211,9 +211,13 @@ def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_d
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     ids, mask = ref["input_ids"], ref["attention_mask"]
     with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=mask).logits
+        out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     content = mask.bool()
-    torch.testing.assert_close(ref["logits"][content], expected[content], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref["logits"][content], out.logits[content], rtol=1e-5, atol=1e-5)
+    # Every layer's output (what bitext evaluation pools), gathered from the stages.
+    assert len(ref["hidden_states"]) == len(out.hidden_states) == 5
+    for ours, theirs in zip(ref["hidden_states"], out.hidden_states, strict=True):
+        torch.testing.assert_close(ours[content], theirs[content], rtol=1e-5, atol=1e-5)
     # The untrained export is the input checkpoint, bit for bit (HF -> megatron -> HF).
     original = export_weights(tiny_model_dir)
     exported = export_weights(tmp / job / "export_untrained")
