@@ -11,8 +11,8 @@ megatron-core assumes CUDA in a handful of places that have nothing to do with t
 `enable()` redirects exactly these: the two ``torch.cuda`` calls, the tracker's state swaps
 (to the CPU generator), and, through a torch function mode that the engine enters around
 megatron calls, any factory call that asks for a CUDA device and the type names a CPU tensor
-reports. The model math is untouched, so
-what runs here is the same code path as on a GPU, minus kernels.
+reports. The model math is untouched, so what runs here is the same code path as on a GPU,
+minus kernels.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
     states = {
         "model-parallel-rng": seed + 2718 + tp_rank,
         "data-parallel-rng": seed,
-        "expert-parallel-rng": seed + 1024 + 100 * 0 + tp_rank,
+        "expert-parallel-rng": seed + 1024 + tp_rank,
     }
     for name, value in states.items():
         tracker.states_[name] = torch.Generator().manual_seed(value).get_state()

@@ -163,6 +163,19 @@ def test_layout_errors_name_the_field():
     ]
 
 
+def test_cpu_redirect_turns_cuda_requests_into_cpu_ones():
+    from parallel.megatron_cpu import CudaToCpu
+
+    x = torch.ones(3)
+    with CudaToCpu():
+        made = torch.zeros(2, device="cuda")
+        moved = x.to("cuda", dtype=torch.float64)
+        assert made.device.type == "cpu" and moved.device.type == "cpu"
+        assert moved.dtype == torch.float64 and x.cuda() is x
+        assert x.type() == "torch.cuda.FloatTensor"  # what megatron's clipping asserts
+    assert x.type() == "torch.FloatTensor"
+
+
 def test_unsupported_architecture_is_refused():
     config = LlamaConfig(num_hidden_layers=2, hidden_act="gelu")
     with pytest.raises(ValueError, match="activation 'gelu'"):
