@@ -246,7 +246,7 @@ class ShifCon(Method):
             curve = ", ".join(f"{d:.3f}" for d in result.mean_distance)
             print(f"shifcon: band auto -> {list(self.band)} (mean distance per layer: {curve})")
 
-    def _capture_depth(self) -> int:
+    def capture_depth(self) -> int:
         """MCL needs H_f..H_{b-1}; running vectors also need H_b (one more layer)."""
         return self.band[1] if self.cfg.vector_mode == "running" else self.band[1] - 1
 
@@ -308,7 +308,7 @@ class ShifCon(Method):
             **{LANG_KWARG: batch.lang_ids},
         ).logits
 
-    def _pair_batch(self, rank: int | None = None, world: int | None = None) -> list[Pair]:
+    def next_pairs(self, rank: int | None = None, world: int | None = None) -> list[Pair]:
         """The next contrastive pairs of this data-parallel rank (resumable: seeded by call)."""
         if rank is None or world is None:
             rank, world = _rank_world()
@@ -320,13 +320,13 @@ class ShifCon(Method):
     def contrastive(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """MCL over [f, b) on a fresh pair batch; updates running vectors when asked."""
         f, b = self.band
-        pairs = self._pair_batch()
+        pairs = self.next_pairs()
         batch, lang_ids = pad_pairs(
             pairs, self.tokenizer, self.cfg.pairs.max_length, self.lang_index, self.dominant
         )
         batch = batch.to(_device_of(model))
         captured = capture_hidden(
-            model, self.config_owner, batch, list(range(f, self._capture_depth() + 1))
+            model, self.config_owner, batch, list(range(f, self.capture_depth() + 1))
         )
         n = len(pairs)
         mask = batch.attention_mask

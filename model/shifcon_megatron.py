@@ -94,7 +94,7 @@ class ShifConStage:
         self.f, self.b = method.band
         self.stage_layers = layers
         self.own = [layer for layer in method.layers if layer in layers]
-        self.drop_after = method._capture_depth()
+        self.drop_after = method.capture_depth()
         self.hidden_size = hidden_size
         self.dp_group = dp_group
         self.sequence_parallel = sequence_parallel
@@ -133,7 +133,7 @@ class ShifConStage:
     def with_pairs(self, batch: Batch, micro: int, dp_rank: int, dp_size: int):
         """LM rows then 2n contrastive rows (n English, n targets), right-padded together."""
         m = self.method
-        pairs = m._pair_batch(dp_rank, dp_size)
+        pairs = m.next_pairs(dp_rank, dp_size)
         pair_batch, pair_langs = pad_pairs(
             pairs, m.tokenizer, m.cfg.pairs.max_length, m.lang_index, m.dominant
         )
