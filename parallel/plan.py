@@ -1,7 +1,12 @@
 """Per-GPU memory plan for a recipe: model states, activations, buffers, and a verdict.
 
 ``python -m parallel.plan RECIPE.yaml --gpus-per-node 8 --gpu-memory-gb 80 [--nodes N]
-[--engine deepspeed|megatron] [--tp T --pp P] [--arch llama-70b]``
+[--engine deepspeed|megatron] [--tp T --pp P] [--[no-]sequence-parallel]
+[--[no-]distributed-optimizer] [--arch llama-70b]``
+
+The layout comes from the recipe (parallel.engine, tensor_parallel, pipeline_parallel,
+sequence_parallel, distributed_optimizer, zero_stage); each flag overrides its field.
+``--engine deepspeed`` on a Megatron recipe plans the same run on ZeRO (TP = PP = 1).
 
 Why: a 70B run that does not fit fails minutes into a multi-node allocation; this answers
 "does it fit, and with which micro-batch" before anything is launched, from the recipe alone.
@@ -9,12 +14,17 @@ Why: a 70B run that does not fit fails minutes into a multi-node allocation; thi
 Assumptions (all per GPU, bytes):
 
 - Model states, mixed-precision Adam: 16-bit params 2 + 16-bit grads 2 + fp32 master, m, v 12
-  bytes/param. ZeRO-3 shards all three over the data-parallel group (world size); ZeRO-3 also
+  bytes/param. ZeRO-3 shards all three over the data-parallel group (world size; stage 2:
+  grads and optimizer, stage 1: optimizer only, stage 0: nothing); ZeRO-3 also
   holds the gathered (full) 16-bit param and grad of the layer it works on: 4 x largest layer
   (the same term DeepSpeed's estimator uses). At the optimizer step DeepSpeed upcasts each
   optimizer sub-group's gradient to fp32: 4 x min(params/N, sub_group_size) (a transient that
   exists when activations are already freed; counted in the peak via max()).
-  Megatron: states sharded over TP*PP; with the distributed optimizer the 12 bytes also over DP.
+  Megatron: states sharded over TP*PP; grads are the fp32 main-grad buffer (4 bytes: our engine
+  sets grad_reduce_in_fp32, as Megatron does for bf16); with the distributed optimizer the 12
+  bytes also over DP (Megatron's own table: 6 + 12/DP bytes/param for bf16 with fp32 grads).
+  The embedding and LM head sit on the first/last stage; the even split ignores that (Llama-2:
+  0.4% of the parameters).
 - Activations of one Llama block per token (16-bit, flash/SDPA attention so no s^2 scores,
   no dropout), derived from what autograd saves (the method of Korthikanti et al. 2022, whose
   GPT figure is s*b*h*(34 + 5*a*s/h) with dropout masks, eager attention and a 4h GELU MLP):
@@ -22,8 +32,10 @@ Assumptions (all per GPU, bytes):
   2*2*h_kv (GQA), attention output 2h; SwiGLU gate 2I, silu(gate) 2I, up 2I, product 2I.
   Total 20h + 4h_kv + 8I bytes per token per layer (eager attention adds 4*a*s per token:
   scores and softmax in 16-bit). With activation checkpointing each layer keeps its 2h input
-  and one layer is recomputed at a time. Megatron with sequence parallelism divides by TP; the
-  1F1B schedule keeps PP micro-batches in flight on the first stage, i.e. L layers' worth.
+  and one layer is recomputed at a time. Megatron: the TP regions (q, k, v, attention output,
+  the MLP's 8I) are divided by TP; the norms' 16h only with sequence parallelism (Korthikanti
+  et al.); the 1F1B schedule keeps min(PP, micro-batches per step) micro-batches in flight on the
+  first stage, each with L/PP layers.
 - Logits: s*b*V*(2 + 4 + 4): 16-bit logits, their fp32 upcast for the loss, and its gradient.
 - ShifCon: the contrastive forward on 2*mcl_batch_size pair sequences (pairs.max_length tokens)
   through layers 1..b-1 keeps its activations for the backward.
@@ -89,9 +101,15 @@ class Arch:
         return 2.0 * self.embedding_params * tokens
 
     def activation_bytes_per_token(self, eager_attention: bool = False, seq: int = 0) -> float:
+        return sum(self.activation_parts(eager_attention, seq))
+
+    def activation_parts(self, eager_attention: bool = False, seq: int = 0) -> tuple[float, float]:
+        """(outside TP regions: the two norms, 16h; inside: q, k, v, attention out, MLP)."""
         h, i = self.hidden, self.intermediate
-        per = 20 * h + 4 * self.kv_hidden + 8 * i
-        return per + (4 * self.heads * seq if eager_attention else 0)
+        inside = (
+            4 * h + 4 * self.kv_hidden + 8 * i + (4 * self.heads * seq if eager_attention else 0)
+        )
+        return 16.0 * h, float(inside)
 
 
 KNOWN_ARCHS: dict[str, Arch] = {
@@ -155,10 +173,53 @@ class Layout:
     pp: int = 1
     distributed_optimizer: bool = True
     sequence_parallel: bool = True
+    zero_stage: int = 3
+    accum: int = 1 << 30  # micro-batches per optimizer step (bounds 1F1B's in-flight count)
 
     @property
     def dp(self) -> int:
         return self.world // (self.tp * self.pp)
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches whose activations the first pipeline stage holds at once (1F1B)."""
+        return max(1, min(self.pp, self.accum))
+
+
+def layout_from_recipe(
+    parallel: Any,
+    world: int,
+    *,
+    engine: str | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    sequence_parallel: bool | None = None,
+    distributed_optimizer: bool | None = None,
+) -> Layout:
+    """The recipe's parallel section, each field overridable (None: keep the recipe's).
+
+    Fields are read with getattr defaults (the schema's own), so a recipe schema without the
+    Megatron fields plans as ZeRO-3. TP/PP of the recipe apply only to its own engine: planning
+    a Megatron recipe with engine="deepspeed" gives TP = PP = 1 unless tp/pp are passed.
+    """
+    recipe_engine = getattr(parallel, "engine", "deepspeed")
+    engine = engine or recipe_engine
+    same = engine == recipe_engine
+    tp = tp or (getattr(parallel, "tensor_parallel", 1) if same else 1)
+    pp = pp or (getattr(parallel, "pipeline_parallel", 1) if same else 1)
+    if world % (tp * pp):
+        raise SystemExit(f"TP {tp} x PP {pp} does not divide {world} GPUs")
+    if engine == "deepspeed" and tp * pp > 1:
+        raise SystemExit("the deepspeed engine is data-parallel (ZeRO): use --engine megatron")
+    sp = (
+        getattr(parallel, "sequence_parallel", False)
+        if sequence_parallel is None
+        else sequence_parallel
+    )
+    dist_opt = (getattr(parallel, "distributed_optimizer", False)
+                if distributed_optimizer is None else distributed_optimizer)  # fmt: skip
+    return Layout(engine, world, tp, pp, bool(dist_opt), bool(sp) and tp > 1,
+                  int(getattr(parallel, "zero_stage", 3)))  # fmt: skip
 
 
 @dataclass
@@ -192,61 +253,75 @@ def model_states(arch: Arch, layout: Layout, zero: ZeroBuffers) -> dict[str, flo
     """Per-GPU bytes of params, grads, optimizer states (+ ZeRO-3's gathered layer)."""
     p = arch.total_params
     if layout.engine == "deepspeed":
-        n = layout.world
-        return {
-            "params (16-bit, /N)": 2 * p / n,
-            "grads (16-bit, /N)": 2 * p / n,
-            "optimizer (fp32 master+m+v, /N)": 12 * p / n,
-            "gathered layer (16-bit param+grad)": 4 * arch.largest_layer_params,
+        n, stage = layout.world, layout.zero_stage
+
+        def tag(k: int) -> tuple[str, int]:
+            return ("/N", n) if stage >= k else ("replicated", 1)
+
+        (pt, pn), (gt, gn), (ot, on) = tag(3), tag(2), tag(1)
+        out = {
+            f"params (16-bit, {pt})": 2 * p / pn,
+            f"grads (16-bit, {gt})": 2 * p / gn,
+            f"optimizer (fp32 master+m+v, {ot})": 12 * p / on,
         }
+        if stage == 3:
+            out["gathered layer (16-bit param+grad)"] = 4 * arch.largest_layer_params
+        return out
     mp = layout.tp * layout.pp
     opt_shard = mp * (layout.dp if layout.distributed_optimizer else 1)
+    opt_key = (
+        "optimizer (fp32, /TP*PP*DP)"
+        if layout.distributed_optimizer
+        else "optimizer (fp32, /TP*PP)"
+    )
     return {
         "params (16-bit, /TP*PP)": 2 * p / mp,
-        "grads (16-bit, /TP*PP)": 2 * p / mp,
-        "optimizer (fp32, /TP*PP*DP)" if layout.distributed_optimizer else "optimizer (/TP*PP)": 12
-        * p
-        / opt_shard,
+        "main grads (fp32, /TP*PP)": 4 * p / mp,
+        opt_key: 12 * p / opt_shard,
     }
 
 
 def step_transient(arch: Arch, layout: Layout, zero: ZeroBuffers) -> float:
     """fp32 gradient of one optimizer sub-group at the ZeRO-3 step (activations are gone)."""
-    if layout.engine != "deepspeed":
+    if layout.engine != "deepspeed" or layout.zero_stage == 0:
         return 0.0
     return 4 * min(arch.total_params / layout.world, zero.sub_group)
 
 
 def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) -> dict[str, float]:
     """Per-GPU activation bytes for `micro_batch` sequences (linear in micro_batch)."""
-    per_tok = arch.activation_bytes_per_token(work.eager_attention, work.seq)
-    split = layout.tp if (layout.engine == "megatron" and layout.sequence_parallel) else 1
+    outside, inside = arch.activation_parts(work.eager_attention, work.seq)
+    megatron = layout.engine == "megatron"
+    tp = layout.tp if megatron else 1
+    sp = tp if (megatron and layout.sequence_parallel) else 1
+    per_tok = outside / sp + inside / tp  # one layer, one token, on this GPU
+    kept = 2 * arch.hidden / sp  # a checkpointed layer's saved input
+    # First pipeline stage: L/PP layers for each of `in_flight` micro-batches (1F1B).
+    stage_layers = arch.layers / layout.pp if megatron else arch.layers
+    in_flight = layout.in_flight if megatron else 1
+
+    def stack(layers: float, tokens: int, copies: int) -> float:
+        if work.checkpointing:  # saved inputs of every copy + one layer recomputed at a time
+            return layers * kept * tokens * copies + per_tok * tokens
+        return layers * per_tok * tokens * copies
+
     tokens = work.seq * micro_batch
-    if work.checkpointing:
-        lm = (arch.layers * 2 * arch.hidden + per_tok) * tokens
-    else:
-        lm = arch.layers * per_tok * tokens
-    out = {"decoder layers": lm / split}
-    out["logits (16-bit + fp32 + grad)"] = work.seq * micro_batch * arch.vocab * 10 / layout.tp
+    out = {"decoder layers": stack(stage_layers, tokens, in_flight)}
+    out["logits (16-bit + fp32 + grad)"] = tokens * arch.vocab * 10 / tp
     if work.pair_sequences:
         pair_tokens = work.pair_seq * work.pair_sequences  # one pair batch per micro-batch
-        depth = work.pair_depth
-        pair = (
-            (depth * 2 * arch.hidden + per_tok) * pair_tokens
-            if work.checkpointing
-            else (depth * per_tok * pair_tokens)
-        )
-        out["ShifCon contrastive (layers 1..b-1)"] = pair / split
+        depth = min(work.pair_depth, stage_layers)  # layers 1..b-1 that live on this stage
+        out["ShifCon contrastive (layers 1..b-1)"] = stack(depth, pair_tokens, in_flight)
     return out
 
 
 def buffers(layout: Layout, zero: ZeroBuffers) -> dict[str, float]:
-    if layout.engine != "deepspeed":
+    if layout.engine != "deepspeed" or layout.zero_stage == 0:
         return {}
-    return {
-        "ZeRO-3 prefetch bucket": 2 * zero.prefetch_bucket,
-        "ZeRO-3 reduce bucket": 2 * zero.reduce_bucket,
-    }
+    out = {"ZeRO reduce bucket": 2 * zero.reduce_bucket}
+    if layout.zero_stage == 3:
+        out = {"ZeRO-3 prefetch bucket": 2 * zero.prefetch_bucket, **out}
+    return out
 
 
 @dataclass
@@ -326,6 +401,18 @@ def model_state_peak(plan: Plan) -> float:
     return sum(plan.states.values()) + plan.transient
 
 
+def _engine_note(layout: Layout) -> str:
+    if layout.engine == "deepspeed":
+        return f"deepspeed ZeRO-{layout.zero_stage}"
+    flags = [
+        f"sequence parallel {'on' if layout.sequence_parallel else 'off'}",
+        f"distributed optimizer {'on' if layout.distributed_optimizer else 'off'}",
+    ]
+    if layout.pp > 1:
+        flags.append(f"1F1B: {layout.in_flight} micro-batches in flight on stage 1")
+    return f"megatron ({', '.join(flags)})"
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:8.2f} GB"
 
@@ -336,9 +423,9 @@ def render(recipe, arch: Arch, layout: Layout, work: Workload, zero: ZeroBuffers
         f"plan: {recipe.name}  ({arch.name}: {arch.total_params / 1e9:.2f}B params, "
         f"{arch.layers} layers, h={arch.hidden}, I={arch.intermediate}, heads={arch.heads}/"
         f"{arch.kv_heads} kv, vocab={arch.vocab})",
-        f"layout: {layout.engine}, world {layout.world} = TP {layout.tp} x PP {layout.pp} x "
-        f"DP {layout.dp}; seq {work.seq}, micro-batch {work.micro_batch}, activation "
-        f"checkpointing {'on' if work.checkpointing else 'off'}",
+        f"layout: {_engine_note(layout)}, world {layout.world} = TP {layout.tp} x PP "
+        f"{layout.pp} x DP {layout.dp}; seq {work.seq}, micro-batch {work.micro_batch}, "
+        f"activation checkpointing {'on' if work.checkpointing else 'off'}",
         "model states (per GPU):",
         *(f"  {k:42s}{_gb(v)}" for k, v in plan.states.items()),
         f"activations (micro-batch {work.micro_batch}):",
@@ -378,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
     parser.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes")
     parser.add_argument("--engine", choices=["deepspeed", "megatron"], default=None)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--no-distributed-optimizer", action="store_true")
+    parser.add_argument("--tp", type=int, default=None, help="default: parallel.tensor_parallel")
+    parser.add_argument("--pp", type=int, default=None, help="default: parallel.pipeline_parallel")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
+                        default=None, help="default: parallel.sequence_parallel")  # fmt: skip
+    parser.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
+                        default=None, help="default: parallel.distributed_optimizer")  # fmt: skip
     parser.add_argument("--arch", default=None, help=f"one of {sorted(KNOWN_ARCHS)}")
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
@@ -392,29 +482,42 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe)
     arch = resolve_arch(recipe, args.arch)
     nodes = args.nodes or recipe.cluster.nodes
-    engine = args.engine or recipe.parallel.engine
     world = nodes * args.gpus_per_node
-    if world % (args.tp * args.pp):
-        raise SystemExit(f"--tp {args.tp} x --pp {args.pp} does not divide {world} GPUs")
-    if engine == "deepspeed" and args.tp * args.pp > 1:
-        raise SystemExit("the deepspeed engine is data-parallel (ZeRO-3): use --engine megatron")
-    layout = Layout(engine, world, args.tp, args.pp, not args.no_distributed_optimizer)
+    layout = layout_from_recipe(
+        recipe.parallel,
+        world,
+        engine=args.engine,
+        tp=args.tp,
+        pp=args.pp,
+        sequence_parallel=args.sequence_parallel,
+        distributed_optimizer=args.distributed_optimizer,
+    )
+    t = recipe.training
+    micro = args.micro_batch or t.micro_batch_size
+    layout.accum = max(1, t.global_batch_size // (micro * layout.dp))
     m = recipe.method
     shifcon = m.name == "shifcon"
+    band = getattr(m, "band", None)
+    # band: auto is picked at run time; plan for the deepest band the metric may choose.
+    depth = (band[1] - 1 if isinstance(band, (list, tuple)) else arch.layers - 2) if shifcon else 0
     work = Workload(
         seq=recipe.data.max_length,
-        micro_batch=args.micro_batch or recipe.training.micro_batch_size,
+        micro_batch=micro,
         checkpointing=recipe.model.gradient_checkpointing,
         eager_attention=recipe.model.attn_implementation == "eager",
         pair_sequences=2 * m.mcl_batch_size if shifcon else 0,
         pair_seq=m.pairs.max_length if shifcon else 0,
-        pair_depth=m.band[1] - 1 if shifcon else 0,
+        pair_depth=depth,
     )
     zero = ZeroBuffers.from_ds_config(build_deepspeed_config(recipe, "cuda"))
     capacity = args.gpu_memory_gb * GB * (1 - args.headroom)
     plan = make_plan(arch, layout, work, zero, capacity)
     largest = plan_largest(arch, layout, work, zero, capacity)
-    ds_est = deepspeed_estimate(arch, args.gpus_per_node, nodes) if engine == "deepspeed" else None
+    ds_est = (
+        deepspeed_estimate(arch, args.gpus_per_node, nodes)
+        if layout.engine == "deepspeed" and layout.zero_stage == 3
+        else None
+    )
     print(render(recipe, arch, layout, work, zero, plan, largest, ds_est))
     return 0
 
