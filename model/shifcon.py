@@ -259,15 +259,7 @@ class ShifCon(Method):
         if self.band is None:
             self._probe(model, examples, batch_size)
         rank, world = _rank_world()
-        per_lang: dict[str, list[Example]] = {lang: [] for lang in self.languages}
-        for ex in examples:
-            if len(per_lang[ex.lang]) < self.cfg.vector_samples:
-                per_lang[ex.lang].append(ex)
-        empty = [lang for lang, exs in per_lang.items() if not exs]
-        if empty:
-            raise UserError(f"method.vector_samples: no training samples for {empty}")
-        chosen = [ex for lang in self.languages for ex in per_lang[lang]]
-        batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+        batches = self.vector_batches(examples, batch_size)
         mine = batches[rank::world]
         rounds = -(-len(batches) // world)
         hidden = self.config_owner.config.hidden_size
@@ -286,6 +278,19 @@ class ShifCon(Method):
         model.train(was_training)
         self.stats = all_reduce_(stats)
         self.hooks.set_vectors(self.stats)
+
+    def vector_batches(self, examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+        """The first `vector_samples` training samples of every language, in batches: what the
+        precomputed vectors average over (every engine, every rank, the same list)."""
+        per_lang: dict[str, list[Example]] = {lang: [] for lang in self.languages}
+        for ex in examples:
+            if len(per_lang[ex.lang]) < self.cfg.vector_samples:
+                per_lang[ex.lang].append(ex)
+        empty = [lang for lang, exs in per_lang.items() if not exs]
+        if empty:
+            raise UserError(f"method.vector_samples: no training samples for {empty}")
+        chosen = [ex for lang in self.languages for ex in per_lang[lang]]
+        return [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
 
     def metrics(self) -> dict[str, float]:
         return self.shift_norms() if self.stats is not None else {}

@@ -440,17 +440,8 @@ class MegatronEngine(Engine):
         rank a share; every stage records its own layers; one all-reduce per stage."""
         if self.stage is None:
             return
-        method = self.method
-        per_lang: dict[str, list[Example]] = {lang: [] for lang in method.languages}
-        for ex in examples:
-            if len(per_lang[ex.lang]) < method.cfg.vector_samples:
-                per_lang[ex.lang].append(ex)
-        empty = [lang for lang, exs in per_lang.items() if not exs]
-        if empty:
-            raise UserError(f"method.vector_samples: no training samples for {empty}")
-        chosen = [ex for lang in method.languages for ex in per_lang[lang]]
-        batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
-        pad = method.tokenizer.pad_token_id
+        batches = self.method.vector_batches(examples, batch_size)
+        pad = self.method.tokenizer.pad_token_id
         self.stage.stats = self.stage.empty_stats()
         self.model.eval()
         for group in batches[self.dp_rank :: self.dp_size]:
