@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ def evaluate(scorer: Scorer, options: EvalOptions) -> tuple[dict[str, TaskResult
             skipped[task] = missing
         if not data:
             continue
+        _progress(f"eval: {task} on {', '.join(data)} ({sum(len(r) for r in data.values())} rows)")
+        start = time.perf_counter()
         if task == "xcopa":
             results[task] = evaluate_xcopa(scorer, data)
         elif task == "mgsm":
@@ -122,7 +125,16 @@ def evaluate(scorer: Scorer, options: EvalOptions) -> tuple[dict[str, TaskResult
             results[task] = evaluate_bitext(scorer, data)
         else:
             results[task] = evaluate_perplexity(scorer, data)
+        _progress(f"eval: {task} done in {time.perf_counter() - start:.0f} s")
     return results, skipped
+
+
+def _progress(message: str) -> None:
+    """Long benchmark runs say what they are on (rank 0 only when distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def shifcon_hooks(model: Any, spec: str | Path) -> Any:
