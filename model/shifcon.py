@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data.formatting import Batch, Example, collate
+from data.formatting import Batch, Example, chat_prompt_ids, collate, content_span
 from data.pairs import Pair, load_pairs
 from launcher.errors import UserError
 from model.methods import Method, lm_loss
@@ -140,15 +140,25 @@ def capture_hidden(
     return capture  # type: ignore[return-value]
 
 
+def sentence_example(tokenizer, text: str, max_length: int) -> Example:
+    """A parallel sentence as a user message in the chat template, as in training and inference
+    (so the aligned states are the ones the shift acts on), pooled over the sentence's own
+    tokens (`content_span`) like the vectors. Too long: the sentence is cut, the template kept."""
+    ids = chat_prompt_ids(tokenizer, text)
+    start, end = content_span(tokenizer, text)
+    if len(ids) > max_length:
+        keep_end = max(end - (len(ids) - max_length), start + 1)
+        ids = (ids[:keep_end] + ids[end:])[:max_length]
+        end = min(keep_end, len(ids))
+    return Example(ids, ids, "", "", span=(start, end))
+
+
 def pad_pairs(
     pairs: Sequence[Pair], tokenizer, max_length: int, lang_index: dict[str, int], dominant: int
 ) -> tuple[Batch, torch.Tensor]:
     """One batch: the dominant-language sentences (rows 0..B-1), then their targets."""
     texts = [p.en for p in pairs] + [p.target for p in pairs]
-    examples = [
-        Example(ids, ids, "", "")
-        for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ]
+    examples = [sentence_example(tokenizer, text, max_length) for text in texts]
     batch = collate(examples, tokenizer.pad_token_id, [""])
     lang_ids = torch.tensor(
         [dominant] * len(pairs) + [lang_index[p.lang] for p in pairs], dtype=torch.long
@@ -225,7 +235,7 @@ class ShifCon(Method):
         from model.probe import build_inputs, run_probe
 
         n = self.cfg.probe_samples
-        samples = [(ex.lang, ex.input_ids) for ex in examples]
+        samples = [(ex.lang, ex.input_ids, self._span(ex)) for ex in examples]
         tok = self.tokenizer
         limit = self.cfg.pairs.max_length
         taken: dict[str, int] = {}
@@ -233,8 +243,8 @@ class ShifCon(Method):
         for p in self.pairs:  # tokenise only the pairs the probe uses
             if taken.get(p.lang, 0) < n:
                 taken[p.lang] = taken.get(p.lang, 0) + 1
-                ids = tok([p.en, p.target], truncation=True, max_length=limit)["input_ids"]
-                pairs.append((p.lang, ids[0], ids[1]))
+                en, x = (sentence_example(tok, t, limit) for t in (p.en, p.target))
+                pairs.append((p.lang, en.input_ids, x.input_ids, self._span(en), self._span(x)))
         try:
             inputs = build_inputs(self.languages, samples, pairs, n)
         except ValueError as exc:
@@ -273,8 +283,9 @@ class ShifCon(Method):
                 batch = batch.to(_device_of(model))
                 captured = capture_hidden(model, self.config_owner, batch, self.layers)
                 if r < len(mine):
+                    mask = self.pool_mask(batch)
                     for layer, h in captured.items():
-                        stats.update(layer, h, batch.attention_mask, batch.lang_ids)
+                        stats.update(layer, h, mask, batch.lang_ids)
         model.train(was_training)
         self.stats = all_reduce_(stats)
         self.hooks.set_vectors(self.stats)
@@ -291,6 +302,16 @@ class ShifCon(Method):
             raise UserError(f"method.vector_samples: no training samples for {empty}")
         chosen = [ex for lang in self.languages for ex in per_lang[lang]]
         return [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+
+    def _span(self, ex: Example) -> tuple[int, int]:
+        if self.cfg.pooling == "all":
+            return (0, len(ex))
+        return ex.span or (1, len(ex))
+
+    def pool_mask(self, batch: Batch) -> torch.Tensor:
+        """The positions vectors and embeddings average over (`data.formatting.content_mask`);
+        `method.pooling: all` is the original every-token mean, kept for ablation."""
+        return batch.attention_mask if self.cfg.pooling == "all" else batch.pool_mask()
 
     def metrics(self) -> dict[str, float]:
         return self.shift_norms() if self.stats is not None else {}
@@ -334,9 +355,10 @@ class ShifCon(Method):
             model, self.config_owner, batch, list(range(f, self.capture_depth() + 1))
         )
         n = len(pairs)
-        mask = batch.attention_mask
+        mask = self.pool_mask(batch)
         means = self.stats.means()
         band_rows = [self.stats.layer_index(layer) for layer in range(f, b)]
+        legacy = self.cfg.pooling == "all"
         loss, per_layer = mcl_loss(
             [captured[layer][:n] for layer in range(f, b)],
             [captured[layer][n:] for layer in range(f, b)],
@@ -346,6 +368,8 @@ class ShifCon(Method):
             means[self.dominant, band_rows].float(),
             means[:, band_rows].float(),
             tau=self.cfg.tau,
+            centres=None if legacy else means[:, band_rows].float(),
+            dominant=self.dominant,
         )
         if self.cfg.vector_mode == "running":
             delta = self.stats.zeros_like()

@@ -56,7 +56,7 @@ class Feed:
     """One micro-batch as megatron sees it: ids and, for a method, per-row context."""
 
     input_ids: Tensor  # [rows, T]
-    context: Tensor | None  # [rows, 4] (see model/shifcon_megatron.py) or None
+    context: Tensor | None  # [rows, 5] (see model/shifcon_megatron.py) or None
     batch: Batch | None  # the LM rows (labels, normaliser); None for a probe pass
 
 
