@@ -15,8 +15,8 @@ from eval.benchmarks import BenchmarkError, load_mgsm, load_parallel, load_xcopa
 from eval.report import log_results, markdown_table
 from eval.scorer import HFScorer, LoglikelihoodResult, Scorer, load_model
 from eval.suite import EvalOptions, evaluate
-from launcher.evaluate import main as eval_main
 from eval.tasks import evaluate_mgsm, evaluate_xcopa, xcopa_request
+from launcher.evaluate import main as eval_main
 
 XCOPA = [
     ("The man turned on the faucet.", "The toilet filled with water.", "Water flowed out.", "effect", 1),
