@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="raw,chat")
     parser.add_argument("--posts", default="normalise,centred,stored")
     args = parser.parse_args(argv)
+    from config.schema import ModelSection
     from data.formatting import chat_prompt_ids, content_span
-    from launcher.schema import ModelSection
     from model.backbone import load_causal_lm, load_tokenizer, resolve_backbone
-    from model.probe import capture_layers
-    from model.shifcon import truncated
+    from model.layers import capture_layers, truncated
 
     data_dir = Path(args.data_dir or Path(__file__).resolve().parents[2] / "shared" / "data")
     layers = [int(x) for x in args.layers.split(",")]
@@ -75,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_causal_lm(backbone, section, torch.float32).eval()
     qs = _load_questions(data_dir, ["en", *langs][1:], args.questions)
     all_langs = ["en", *langs]
-    texts = [(lang, i, q["en"] if lang == "en" else q[lang]) for lang in all_langs for i, q in enumerate(qs)]
+    texts = [
+        (lang, i, q["en"] if lang == "en" else q[lang])
+        for lang in all_langs
+        for i, q in enumerate(qs)
+    ]
 
     torch.manual_seed(0)
     results = {}
@@ -100,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             for r, x in enumerate(ids):
                 input_ids[r, : len(x)] = torch.tensor(x)
                 mask[r, : len(x)] = 1
-            with torch.no_grad(), truncated(model, max(layers)), capture_layers(model, layers) as cap:
+            with (
+                torch.no_grad(),
+                truncated(model, max(layers)),
+                capture_layers(model, layers) as cap,
+            ):
                 model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
                 cap = dict(cap)
             if report is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from launcher.errors import UserError
+from config.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -140,30 +140,7 @@ class Batch:
         return content_mask(self.attention_mask, self.spans[:, 0], self.spans[:, 1])
 
     @property
-    def content_mask(
-    attention_mask: torch.Tensor,
-    start: torch.Tensor | None = None,
-    end: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The one pooling definition: [B, T] 1 on the positions that sentence embeddings (MCL),
-    language vectors, the probe and language detection average over.
-
-    Non-padding positions in [start, end) per row (default: the whole row), never position 0:
-    the first position is the attention sink, whose hidden state is hundreds of times larger
-    than any other (SmolLM2 layer 12: norm ~23,000 vs a median of ~140) and the same for every
-    sentence, so a mean that includes it points the same way for all inputs.
-    """
-    width = attention_mask.shape[1]
-    pos = torch.arange(width, device=attention_mask.device).unsqueeze(0)
-    keep = attention_mask.bool() & (pos >= 1)
-    if start is not None:
-        keep &= pos >= start.to(attention_mask.device).unsqueeze(1)
-    if end is not None:
-        keep &= pos < end.to(attention_mask.device).unsqueeze(1)
-    return keep.to(attention_mask.dtype)
-
-
-def num_label_tokens(self) -> int:
+    def num_label_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     @property

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from config.recipe import load_recipe
 from data.formatting import collate
 from launcher.loop import open_session
-from launcher.recipe import load_recipe
 
 
 def engine_logits(run_dir: Path, workdir: Path) -> dict:

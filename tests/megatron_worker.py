@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from config.recipe import dump_recipe, validate_recipe
 from data.formatting import collate
 from launcher.loop import open_session, run_training
-from launcher.recipe import dump_recipe, validate_recipe
 
 
 def _fixed_batch(session):
@@ -39,7 +39,7 @@ def _close() -> None:
 
 
 def run_job(job: dict, out: Path) -> None:
-    from model.shifcon_megatron import ShifConLayer
+    from methods.shifcon.megatron import ShifConLayer
 
     recipe = validate_recipe(job["recipe"], job["name"])
     run_dir = out / job["name"]

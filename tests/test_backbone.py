@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from launcher.schema import ModelSection
+from config.schema import ModelSection
 from model.backbone import BackboneError, load_tokenizer, resolve_backbone
 
 

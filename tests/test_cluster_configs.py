@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config.recipe import load_recipe
 from launcher.ray_package import PackageTooLarge, check_working_dir, measure
-from launcher.recipe import load_recipe
 from tests.cluster_procs import ROOT, tool_env
 
 CLUSTER = ROOT / "cluster"

@@ -13,10 +13,10 @@ import torch
 from eval.answers import extract_number, numbers_match, parse_gold
 from eval.benchmarks import BenchmarkError, load_mgsm, load_parallel, load_xcopa
 from eval.report import log_results, markdown_table
-from eval.run import EvalOptions, evaluate
-from eval.run import main as eval_main
 from eval.scorer import HFScorer, LoglikelihoodResult, Scorer, load_model
+from eval.suite import EvalOptions, evaluate
 from eval.tasks import evaluate_mgsm, evaluate_xcopa, xcopa_request
+from launcher.evaluate import main as eval_main
 
 XCOPA = [
     ("The man turned on the faucet.", "The toilet filled with water.", "Water flowed out.", "effect", 1),

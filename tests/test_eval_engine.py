@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
+from config.errors import UserError
+from config.schema import EvalSection, Recipe
 from data.formatting import Batch
 from eval.engine import EngineScorer, check_benchmarks
-from eval.run import EvalOptions, evaluate, shifcon_hooks
 from eval.scorer import HFScorer, eos_ids, load_model
-from launcher.errors import UserError
-from launcher.schema import EvalSection, Recipe
-from model.methods import SFT
+from eval.suite import EvalOptions, evaluate, shifcon_hooks
+from methods.base import SFT
 from parallel.distributed import DistContext
 from parallel.engine import Engine
 from tests.conftest import run_cli, tiny_recipe, write_recipe

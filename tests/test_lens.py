@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.schema import LensMethod
-from model.lens import DIRECTIONS_FILE, META_FILE, Lens
+from config.schema import LensMethod
+from methods.lens import DIRECTIONS_FILE, META_FILE, Lens
 from tests.test_shifcon import _run_data
 from tests.test_training import summary, train, weights
 

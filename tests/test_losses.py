@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from data.formatting import Batch
+from methods.base import lm_loss
 from model.losses import per_sample_lm_loss
-from model.methods import lm_loss
 
 
 def test_per_sample_loss_shifts_and_ignores_prompt():

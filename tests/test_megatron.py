@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from model.shifcon_infer import ShiftedLM
+from methods.shifcon.infer import ShiftedLM
 from parallel.distributed import free_port
 from parallel.megatron_convert import hf_to_mcore, mcore_to_hf, pack_qkv, unpack_qkv
 from parallel.megatron_model import DecoderShape, layout_errors

@@ -109,7 +109,7 @@ def test_megatron_states_and_activation_split() -> None:
 @pytest.mark.parametrize("recipe", ["recipes/shifcon_7b.yaml", "recipes/shifcon_70b.yaml"])
 @pytest.mark.parametrize("engine", [None, "deepspeed", "megatron"])
 def test_plan_command_on_the_big_recipes(recipe: str, engine: str | None, capsys) -> None:
-    from launcher.recipe import load_recipe
+    from config.recipe import load_recipe
 
     par = load_recipe(recipe).parallel
     argv = [recipe, "--gpus-per-node", "8", "--gpu-memory-gb", "80"]

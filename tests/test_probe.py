@@ -9,13 +9,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from config.recipe import RecipeError, load_recipe, validate_recipe
+from config.schema import ShifConMethod
 from data.pairs import pairs_from_rows
-from launcher.recipe import RecipeError, load_recipe, validate_recipe
+from launcher.probe import main as probe_main
+from launcher.probe import write_band_into
 from launcher.run import preflight
-from launcher.schema import ShifConMethod
-from model.probe import PLOT_FILE, PROBE_FILE, log_probe, write_band_into
-from model.probe import main as probe_main
-from model.shifcon import ShifCon, load_shifcon
+from methods.shifcon.method import ShifCon, load_shifcon
+from methods.shifcon.probe import PLOT_FILE, PROBE_FILE, log_probe
 from tests.test_shifcon import _run_data
 from tests.test_training import summary, train
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from config.schema import ClusterSection
 from launcher.checkpoints import COMPLETE, CheckpointStore
 from launcher.ray_launch import choose_launcher
-from launcher.schema import ClusterSection
 from launcher.universal import UNIVERSAL_TAG, saved_world_size
 from tests.cluster_procs import ROOT, leftovers, ray_head, wait_for
 from tests.conftest import run_cli, tiny_recipe, write_recipe
@@ -74,8 +74,8 @@ def test_launcher_choice(launcher, env, world, expected):
 def test_relative_outputs_leave_the_jobs_temporary_working_dir(tmp_path, monkeypatch):
     """Inside a Ray job the cwd is Ray's unpacked copy of the working dir (deleted with the job):
     relative outputs and the default MLflow store move to POLYSHIFT_OUTPUT_ROOT."""
+    from config.recipe import load_recipe
     from launcher.ray_launch import _relocate_outputs
-    from launcher.recipe import load_recipe
 
     package = tmp_path / "_ray_pkg_abc"
     package.mkdir()

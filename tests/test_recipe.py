@@ -10,8 +10,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.recipe import RecipeError, apply_override, load_recipe, parse_override
-from launcher.schema import Recipe
+from config.recipe import RecipeError, apply_override, load_recipe, parse_override
+from config.schema import Recipe
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
 

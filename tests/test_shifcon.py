@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from config.schema import DataSection, DataSource, ShifConMethod
 from data.pipeline import build_run_data
 from launcher.checkpoints import CheckpointStore
-from launcher.schema import DataSection, DataSource, ShifConMethod
-from model.shifcon import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
-from model.shifcon_infer import ShiftedLM
-from model.shifcon_math import LanguageStats
+from methods.shifcon.infer import ShiftedLM
+from methods.shifcon.math import LanguageStats
+from methods.shifcon.method import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
 from tests.engine_logits import engine_logits
 from tests.test_training import summary, train, weights
 
@@ -236,8 +236,8 @@ def test_generation_shifts_every_position(tiny):
 
 
 def test_eval_harness_scores_a_shifcon_export_with_its_shift(running_straight):
-    from eval.run import shifcon_hooks
     from eval.scorer import HFScorer, load_model
+    from eval.suite import shifcon_hooks
     from eval.tasks import evaluate_perplexity
 
     export = running_straight[0] / "export"

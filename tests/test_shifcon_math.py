@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from model.shifcon_math import (
+from methods.shifcon.math import (
     LanguageStats,
     all_reduce_,
     check_band,

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.shifcon_math import check_band
-from model.subspace import (
+from methods.shifcon.math import check_band
+from methods.subspace import (
     agnostic_direction,
     bitext_retrieval_accuracy,
     decompose,

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from eval.scorer import load_model, right_pad
-from model.xtransplant import (
+from launcher.xtransplant import (
     Instance,
     PairSearchWorker,
     Unit,

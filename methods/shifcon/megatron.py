@@ -31,8 +31,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
 from data.formatting import Batch, Example, collate, content_mask
-from model.shifcon import ShifCon, pad_pairs
-from model.shifcon_math import LanguageStats, mcl_loss, shift_backward, shift_toward
+from methods.shifcon.math import LanguageStats, mcl_loss, shift_backward, shift_toward
+from methods.shifcon.method import ShifCon, pad_pairs
 
 ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE = 0, 1, 2, 3
 PAIR_ROLES = (ROLE_ANCHOR, ROLE_TARGET)

@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from config.errors import UserError
 from data.formatting import Batch, Example, chat_prompt_ids, collate, content_span
 from data.pairs import Pair, load_pairs
-from launcher.errors import UserError
-from model.methods import Method, lm_loss
-from model.shifcon_math import (
+from methods.base import Method, lm_loss
+from methods.shifcon.math import (
     LanguageStats,
     all_reduce_,
     check_band,
@@ -39,32 +39,12 @@ from model.shifcon_math import (
     shift_backward,
     shift_toward,
 )
+from model.layers import decoder_layers, device_of, rank_world, truncated
 
 LANG_KWARG = "shifcon_lang_ids"
 CAPTURE_KWARG = "shifcon_capture"
 VECTORS_FILE = "shifcon_vectors.safetensors"
 META_FILE = "shifcon.json"
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer stack of a Llama-family causal LM (Llama, Qwen2, Mistral, SmolLM)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__}: no decoder layer stack at .model.layers")
-    return layers
-
-
-@contextmanager
-def truncated(model: nn.Module, upto: int) -> Iterator[None]:
-    """Run only decoder layers 1..upto: transformers loops over layers[:num_hidden_layers]."""
-    config = model.config
-    full = config.num_hidden_layers
-    config.num_hidden_layers = upto
-    try:
-        yield
-    finally:
-        config.num_hidden_layers = full
 
 
 class ShifConHooks:
@@ -232,7 +212,7 @@ class ShifCon(Method):
     def _probe(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
         """band: auto: run the layer probe on the training samples and pairs through the
         engine's forward module (every rank the same number of forwards), then set the band."""
-        from model.probe import build_inputs, run_probe
+        from methods.shifcon.probe import build_inputs, run_probe
 
         n = self.cfg.probe_samples
         samples = [(ex.lang, ex.input_ids, self._span(ex)) for ex in examples]
@@ -252,7 +232,7 @@ class ShifCon(Method):
         result = run_probe(model, inputs, batch_size=batch_size, tolerance=self.cfg.probe_tolerance)
         self.probe_result = result
         self._set_band(result.band)
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             curve = ", ".join(f"{d:.3f}" for d in result.mean_distance)
             print(f"shifcon: band auto -> {list(self.band)} (mean distance per layer: {curve})")
 
@@ -268,7 +248,7 @@ class ShifCon(Method):
         are collectives); a rank short of work repeats a batch and discards it."""
         if self.band is None:
             self._probe(model, examples, batch_size)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         batches = self.vector_batches(examples, batch_size)
         mine = batches[rank::world]
         rounds = -(-len(batches) // world)
@@ -280,7 +260,7 @@ class ShifCon(Method):
             for r in range(rounds):
                 group = mine[r] if r < len(mine) else batches[0]
                 batch = collate(group, self.tokenizer.pad_token_id, self.languages)
-                batch = batch.to(_device_of(model))
+                batch = batch.to(device_of(model))
                 captured = capture_hidden(model, self.config_owner, batch, self.layers)
                 if r < len(mine):
                     mask = self.pool_mask(batch)
@@ -337,7 +317,7 @@ class ShifCon(Method):
     def next_pairs(self, rank: int | None = None, world: int | None = None) -> list[Pair]:
         """The next contrastive pairs of this data-parallel rank (resumable: seeded by call)."""
         if rank is None or world is None:
-            rank, world = _rank_world()
+            rank, world = rank_world()
         rng = random.Random(self.seed * 1_000_003 + self.calls * world + rank)
         self.calls += 1
         size = min(self.cfg.mcl_batch_size, len(self.pairs))
@@ -350,7 +330,7 @@ class ShifCon(Method):
         batch, lang_ids = pad_pairs(
             pairs, self.tokenizer, self.cfg.pairs.max_length, self.lang_index, self.dominant
         )
-        batch = batch.to(_device_of(model))
+        batch = batch.to(device_of(model))
         captured = capture_hidden(
             model, self.config_owner, batch, list(range(f, self.capture_depth() + 1))
         )
@@ -412,7 +392,7 @@ class ShifCon(Method):
             self.probe_result.save(directory)
 
     def artifacts(self, export_dir: Path) -> list[Path]:
-        from model.probe import PLOT_FILE, PROBE_FILE
+        from methods.shifcon.probe import PLOT_FILE, PROBE_FILE
 
         files = [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
         extra = [Path(export_dir) / PROBE_FILE, Path(export_dir) / PLOT_FILE]
@@ -450,16 +430,3 @@ def load_shifcon(directory: Path) -> tuple[dict[str, Any], LanguageStats]:
         counts=counts,
     )
     return meta, stats
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device

@@ -66,25 +66,3 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The micro-batch's share of the global batch's token-mean LM loss."""
     token_sum, _ = per_sample_lm_loss(logits, batch.labels)
     return token_sum.sum() / batch.token_normalizer
-
-
-def build_method(recipe, data, tokenizer) -> Method:
-    name = recipe.method.name
-    if name == "sft":
-        return SFT()
-    common = {
-        "languages": data.languages,
-        "tokenizer": tokenizer,
-        "train_rows": data.train_rows,
-        "seed": recipe.training.seed,
-        "on_bad_row": recipe.data.on_bad_row,
-    }
-    if name == "shifcon":
-        from model.shifcon import ShifCon
-
-        return ShifCon(recipe.method, **common)
-    if name == "lens":
-        from model.lens import Lens
-
-        return Lens(recipe.method, **common, system_prompt=recipe.data.system_prompt)
-    raise ValueError(f"method.name: no implementation for {name!r}")

@@ -28,7 +28,7 @@ prefix is run once and its KV cache repeated B times: a batch costs one prompt p
 (plus the choices or the decoding), not B prompts. Units spread over Ray actors (one model per
 actor) or run in-process; both run the same ``PairSearchWorker.run_unit``.
 
-CLI: ``python -m model.xtransplant --model DIR --task mgsm --languages sw --dev 20 --test 20 --ray``
+CLI: ``python -m launcher.xtransplant --model DIR --task mgsm --languages sw --dev 20 --test 20 --ray``
 or ``--config recipes/xtransplant/xtransplant_smollm2.yaml`` (flags override the file).
 """
 
@@ -49,6 +49,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from model.layers import decoder_layers
+
 Site = Literal["mlp", "attn"]
 SITES: tuple[str, ...] = ("mlp", "attn")
 _SITE_ATTR = {"mlp": "mlp", "attn": "self_attn"}
@@ -57,17 +59,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------
 # Hooks: recording and transplanting
 # --------------------------------------------------------------------------------------------
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama-family causal LM (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None and hasattr(model, "get_decoder"):
-        layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__}: no decoder layers at model.model.layers")
-    return layers
 
 
 def site_module(model: nn.Module, layer: int, site: Site) -> nn.Module:
@@ -743,7 +734,7 @@ def _num_layers(config: XTransplantConfig, worker: PairSearchWorker | None) -> i
         return worker.num_layers
     from transformers import AutoConfig
 
-    from launcher.schema import ModelSection
+    from config.schema import ModelSection
     from model.backbone import resolve_backbone
 
     path = resolve_backbone(ModelSection(backbone=config.model)).path
@@ -863,7 +854,7 @@ def summary_table(results: Mapping[str, LanguageResult]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m model.xtransplant", description=__doc__.split("\n")[0]
+        prog="python -m launcher.xtransplant", description=__doc__.split("\n")[0]
     )
     p.add_argument("--config", help="YAML with XTransplantConfig keys (flags override it)")
     p.add_argument("--model")

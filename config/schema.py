@@ -274,7 +274,7 @@ EvalTask = Literal["xcopa", "mgsm", "bitext", "ppl"]
 
 class EvalSection(Section):
     """Benchmarks (DESIGN.md "Evaluation formats") run on the training engine after training;
-    also the options of ``python -m eval.run``, so a recipe and the CLI share one definition.
+    also the options of ``python -m launcher.evaluate``, so a recipe and the CLI share one definition.
     No tasks (the default): nothing runs."""
 
     tasks: list[EvalTask] = Field(
@@ -401,7 +401,7 @@ class Recipe(Section):
             if self.method.name == "shifcon" and self.method.band == "auto":
                 raise ValueError(
                     "method.band: auto needs the deepspeed engine; pick the band with "
-                    "`python -m model.probe` and write it into the recipe"
+                    "`python -m launcher.probe` and write it into the recipe"
                 )
             if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
                 raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")

@@ -9,16 +9,13 @@ identification (held-out samples) and bitext retrieval (parallel pairs).
 Works on a plain HF model and on the DeepSpeed engine's ``forward_module`` (ZeRO-3): every
 rank runs the same number of forwards (a rank short of work repeats a batch and discards it).
 
-CLI: ``python -m model.probe --model BACKBONE --pairs SOURCE --languages en,fr,sw --out DIR``.
+CLI: ``python -m launcher.probe --model BACKBONE --pairs SOURCE --languages en,fr,sw --out DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from data.formatting import content_mask
-from model.shifcon_math import LanguageStats, all_reduce_, pooled_mean
-from model.subspace import (
+from methods.shifcon.math import LanguageStats, all_reduce_, pooled_mean
+from methods.subspace import (
     bitext_retrieval_accuracy,
     language_id_accuracy,
     mean_distance_per_layer,
     per_layer_distances,
     select_band,
 )
+from model.layers import capture_layers, device_of, rank_world, unwrap
 
 PROBE_FILE = "probe.json"
 PLOT_FILE = "probe.png"
@@ -50,36 +48,6 @@ DEFINITION = (
     "second half. Bitext: mean-pooled H_l of English vs target sentences, cosine nearest "
     "neighbour among that language's pairs."
 )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-@contextmanager
-def capture_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, Tensor]]:
-    """Temporarily record the output H_l of the given 1-based decoder layers on every forward.
-
-    Hooks are registered on the unwrapped module, so they work under ZeRO-3 (they run after
-    DeepSpeed's own gather hooks) and are removed on exit, leaving the model as it was.
-    """
-    from model.shifcon import decoder_layers
-
-    stack = decoder_layers(unwrap(model))
-    store: dict[int, Tensor] = {}
-    handles = []
-    for layer in layers:
-
-        def hook(module, args, output, layer=layer):
-            store[layer] = output[0] if isinstance(output, tuple) else output
-
-        handles.append(stack[layer - 1].register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -109,7 +77,9 @@ class ProbeInputs:
             self.spans.append(tuple(span) if span is not None else (1, len(key)))
         return self._index[key]
 
-    def add_sample(self, lang: str, ids: Sequence[int], span: tuple[int, int] | None = None) -> None:
+    def add_sample(
+        self, lang: str, ids: Sequence[int], span: tuple[int, int] | None = None
+    ) -> None:
         self.samples.append((self._seq(ids, span), self.languages.index(lang)))
 
     def add_pair(
@@ -195,19 +165,6 @@ class ProbeResult:
         return out
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(unwrap(model).parameters()).device
-
-
 def _pad(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -231,8 +188,8 @@ def run_probe(
     n_layers = base.config.num_hidden_layers
     hidden = base.config.hidden_size
     layers = list(range(1, n_layers + 1))
-    rank, world = _rank_world()
-    device = _device_of(model)
+    rank, world = rank_world()
+    device = device_of(model)
     n = len(inputs.sequences)
     order = sorted(range(n), key=lambda i: (len(inputs.sequences[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -367,22 +324,6 @@ def plot(result: ProbeResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_band_into(recipe_path: Path, band: tuple[int, int]) -> None:
-    """Set ``method.band`` in a recipe YAML (a YAML round trip: comments are not kept)."""
-    import yaml
-
-    path = Path(recipe_path)
-    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    method = tree.get("method")
-    if isinstance(method, str):
-        method = {"name": method}
-    if not isinstance(method, dict) or method.get("name") != "shifcon":
-        raise ValueError(f"{path}: method is not shifcon; nothing to write the band into")
-    method["band"] = [int(band[0]), int(band[1])]
-    tree["method"] = method
-    path.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
 def log_probe(tracker, result: ProbeResult, files: Sequence[Path] = ()) -> None:
     """Per-layer metrics (step = layer), the band as param and tag, the files as artifacts."""
     for layer, row in result.metrics_by_layer().items():
@@ -392,140 +333,3 @@ def log_probe(tracker, result: ProbeResult, files: Sequence[Path] = ()) -> None:
     tracker.set_tag("shifcon.band", band)
     for path in files:
         tracker.log_artifact(path, "probe")
-
-
-# -- CLI ------------------------------------------------------------------------------------
-
-
-def _cli_inputs(args, tokenizer, languages: list[str]) -> ProbeInputs:
-    from data.formatting import encode_example
-    from data.pairs import load_pairs
-    from data.sources import load_rows
-
-    pairs = (
-        load_pairs(args.pairs, train_rows=[], dominant=languages[0], languages=languages)
-        if args.pairs
-        else []
-    )
-
-    from model.shifcon import sentence_example
-
-    def tok(text: str):
-        return sentence_example(tokenizer, text, args.max_length)
-
-    pair_ids = []
-    for p in pairs:
-        en, x = tok(p.en), tok(p.target)
-        pair_ids.append((p.lang, en.input_ids, x.input_ids, en.span, x.span))
-    if args.data:
-        rows, _ = load_rows(args.data)
-        samples = []
-        for row in rows:
-            if row["lang"] not in languages:
-                continue
-            ex = encode_example(
-                tokenizer,
-                row["instruction"],
-                row["response"],
-                lang=row["lang"],
-                id=row["id"],
-                max_length=args.max_length,
-            )
-            if ex is not None:
-                samples.append((row["lang"], ex.input_ids, ex.span))
-    else:  # the pairs' own sentences: English once per pair item, targets per language
-        samples, seen = [], set()
-        for lang, en, target, en_span, target_span in pair_ids:
-            if tuple(en) not in seen:
-                seen.add(tuple(en))
-                samples.append((languages[0], en, en_span))
-            samples.append((lang, target, target_span))
-    if not samples:
-        raise SystemExit("error: give --data or --pairs (no probe samples)")
-    return build_inputs(languages, samples, pair_ids, args.samples)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.probe", description=__doc__)
-    parser.add_argument("--model", help="backbone (as model.backbone) or an export directory")
-    parser.add_argument("--recipe", help="recipe: its model and tracking sections are used")
-    parser.add_argument("--data", help="instruction rows (lang, instruction, response)")
-    parser.add_argument("--pairs", help="parallel {lang, en, target} rows (JSONL file/folder)")
-    parser.add_argument("--languages", required=True, help="comma list, dominant first")
-    parser.add_argument("--samples", type=int, default=64, help="samples (and pairs) per language")
-    parser.add_argument("--out", required=True, help="directory for probe.json and probe.png")
-    parser.add_argument("--tolerance", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--tracking-uri", help="MLflow store/server (default: the recipe's)")
-    parser.add_argument("--write-band-into", help="recipe YAML whose method.band is set")
-    args = parser.parse_args(argv)
-
-    from launcher.schema import ModelSection, TrackingSection
-    from launcher.tracking import Tracker
-    from model.backbone import load_causal_lm, load_tokenizer, resolve_backbone
-    from parallel.distributed import init_distributed, resolve_device
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    recipe = None
-    if args.recipe:
-        from launcher.recipe import load_recipe
-
-        recipe = load_recipe(args.recipe)
-    model_section = recipe.model.model_copy() if recipe else ModelSection()
-    if args.model:
-        model_section = model_section.model_copy(update={"backbone": args.model})
-    elif recipe is None:
-        parser.error("--model or --recipe is required")
-    languages = [x.strip() for x in args.languages.split(",") if x.strip()]
-    if len(languages) < 2:
-        parser.error("--languages needs the dominant language and at least one other")
-
-    ctx = init_distributed(resolve_device("auto"))
-    backbone = resolve_backbone(model_section)
-    tokenizer = load_tokenizer(backbone, model_section)
-    model = load_causal_lm(backbone, model_section, torch.float32).to(ctx.torch_device)
-    inputs = _cli_inputs(args, tokenizer, languages)
-    result = run_probe(model, inputs, batch_size=args.batch_size, tolerance=args.tolerance)
-    if not ctx.is_rank0:
-        return 0
-    files = result.save(Path(args.out))
-    print(f"band: {list(result.band)}  ({files[0]}, {files[1]})")
-    for layer, d, lid, bt in zip(
-        result.layers,
-        result.mean_distance,
-        result.language_id_accuracy,
-        result.bitext_retrieval_accuracy,
-        strict=True,
-    ):
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"  layer {layer:3d}  distance {d:.4f}  lang-id {fmt(lid)}  bitext {fmt(bt)}")
-    tracking = recipe.tracking if recipe else TrackingSection()
-    if args.tracking_uri or recipe is not None:
-        tracker = Tracker(
-            enabled=tracking.enabled,
-            is_rank0=True,
-            tracking_uri=args.tracking_uri or tracking.tracking_uri,
-            experiment=tracking.experiment,
-            run_name=f"probe-{Path(str(model_section.backbone)).name}",
-            log_system_metrics=False,
-            workdir=Path.cwd(),
-        )
-        with tracker:
-            tracker.start(
-                params={
-                    "probe.model": model_section.backbone,
-                    "probe.languages": ",".join(languages),
-                    "probe.samples": args.samples,
-                    "probe.tolerance": args.tolerance,
-                }
-            )
-            log_probe(tracker, result, files)
-    if args.write_band_into:
-        write_band_into(Path(args.write_band_into), result.band)
-        print(f"wrote method.band {list(result.band)} into {args.write_band_into}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

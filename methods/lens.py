@@ -34,13 +34,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from config.errors import UserError
 from data.formatting import Batch, Example, chat_prompt_ids
 from data.pairs import Pair, load_pairs
-from launcher.errors import UserError
-from model.methods import Method, lm_loss
-from model.probe import unwrap
-from model.shifcon import _device_of, _rank_world, decoder_layers
-from model.subspace import agnostic_direction, decompose, project, project_direction
+from methods.base import Method, lm_loss
+from methods.subspace import agnostic_direction, decompose, project, project_direction
+from model.layers import decoder_layers, device_of, rank_world, unwrap
 
 META_FILE = "lens.json"
 DIRECTIONS_FILE = "lens_directions.safetensors"
@@ -195,8 +194,8 @@ class Lens(Method):
     def prepare(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
         """Language means of theta_0's pooled top-layer states over the prompt set -> a, M,
         delta_X. Each rank a share of the batches, equal forwards, one all-reduce."""
-        rank, world = _rank_world()
-        device = _device_of(model)
+        rank, world = rank_world()
+        device = device_of(model)
         seqs: list[tuple[int, list[int]]] = []
         seen: set[str] = set()
         for p in self.pairs:
@@ -235,7 +234,7 @@ class Lens(Method):
     # -- training -------------------------------------------------------------------------
 
     def _pair_batch(self) -> list[Pair]:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         rng = random.Random(self.seed * 1_000_003 + self.calls * world + rank)
         self.calls += 1
         size = min(self.cfg.prompts.batch_size, len(self.pairs))
@@ -244,7 +243,7 @@ class Lens(Method):
     def lens_losses(self, model: nn.Module) -> dict[str, Tensor]:
         """The three Lens terms (unweighted) on a fresh batch of parallel prompts."""
         pairs = self._pair_batch()
-        device = _device_of(model)
+        device = device_of(model)
         seqs = [self._prompt_ids(p.en) for p in pairs] + [self._prompt_ids(p.target) for p in pairs]
         ids, mask = self._pad(seqs, device)
         h, h0 = self.top_states(model, ids, mask)

@@ -1,7 +1,7 @@
 """Generation with a ShifCon export: the shift stays on at inference, for every position.
 
-    python -m model.shifcon_infer generate runs/x/export --prompt "Habari?" [--lang sw|auto]
-    python -m model.shifcon_infer detect-eval runs/x/export --data builtin:polyglot?items=50
+    python -m launcher.shifcon_infer generate runs/x/export --prompt "Habari?" [--lang sw|auto]
+    python -m launcher.shifcon_infer detect-eval runs/x/export --data builtin:polyglot?items=50
 
 The prompt's language is given, or detected as the nearest language centroid (v^X_f) of the
 prompt's mean unshifted H_f, the same quantity the vectors are means of.
@@ -9,8 +9,6 @@ prompt's mean unshifted H_f, the same quantity the vectors are means of.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 
 from data.formatting import Batch, Example, chat_prompt_ids, collate
-from model.shifcon import ShifConHooks, capture_hidden, load_shifcon
+from methods.shifcon.method import ShifConHooks, capture_hidden, load_shifcon
 
 
 class ShiftedLM:
@@ -134,50 +132,3 @@ def detection_accuracy(
             totals[row["lang"]] += 1
             hits[row["lang"]] += lang == row["lang"]
     return {lang: hits[lang] / totals[lang] for lang in lm.languages if totals[lang]}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.shifcon_infer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="answer prompts with the shift on")
-    gen.add_argument("export")
-    gen.add_argument("--prompt", action="append", required=True)
-    gen.add_argument("--lang", default="auto", help="language code, 'auto', or 'none' (no shift)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    det = sub.add_parser("detect-eval", help="language-detection accuracy per language")
-    det.add_argument("export")
-    det.add_argument("--data", required=True, help="rows with lang + instruction (any source)")
-    det.add_argument("--limit-per-language", type=int, default=50)
-    args = parser.parse_args(argv)
-
-    lm = ShiftedLM.from_export(args.export)
-    if args.command == "generate":
-        langs = None if args.lang == "none" else args.lang
-        if langs == "auto":
-            langs = lm.detect(args.prompt)
-        for prompt, answer, lang in zip(
-            args.prompt,
-            lm.generate(args.prompt, langs, max_new_tokens=args.max_new_tokens),
-            langs if isinstance(langs, list) else [langs] * len(args.prompt),
-            strict=True,
-        ):
-            print(f"[{lang or 'no shift'}] {prompt}\n  -> {answer.strip()}")
-        return 0
-    from data.sources import load_rows
-
-    rows, _ = load_rows(args.data)
-    per_lang: Counter[str] = Counter()
-    kept = []
-    for row in rows:
-        if per_lang[row["lang"]] < args.limit_per_language:
-            per_lang[row["lang"]] += 1
-            kept.append(row)
-    accuracy = detection_accuracy(lm, kept)
-    print("| language | detection accuracy | prompts |\n|---|---|---|")
-    for lang, acc in accuracy.items():
-        print(f"| {lang} | {acc:.3f} | {per_lang[lang]} |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

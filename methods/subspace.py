@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.shifcon_math import check_band
+from methods.shifcon.math import check_band
 
 __all__ = [
     "Decomposition",

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launcher.errors import UserError
-from launcher.schema import METHOD_NAMES, Recipe
+from config.errors import UserError
+from config.schema import METHOD_NAMES, Recipe
 
 
 class RecipeError(UserError):
