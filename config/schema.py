@@ -124,7 +124,7 @@ class ShifConMethod(Section):
     alpha: NonNegativeFloat = 0.5
     beta: NonNegativeFloat = 2.0
     tau: PositiveFloat = Field(
-        0.1, description="InfoNCE temperature (chosen by measurement: README, ShifCon)."
+        0.05, description="InfoNCE temperature (chosen by measurement: README, ShifCon)."
     )
     pooling: Literal["content", "all"] = Field(
         "content",

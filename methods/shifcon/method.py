@@ -30,12 +30,14 @@ from config.errors import UserError
 from data.formatting import Batch, Example, chat_prompt_ids, collate, content_span
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
+from methods.shifcon.detect import DETECTOR_FILE, LinearDetector
 from methods.shifcon.math import (
     LanguageStats,
     all_reduce_,
     check_band,
     combine_losses,
     mcl_loss,
+    pooled_mean,
     shift_backward,
     shift_toward,
 )
@@ -181,6 +183,7 @@ class ShifCon(Method):
             [] if self.band is None else list(range(self.band[0], self.band[1] + 1))
         )
         self.probe_result = None  # ProbeResult when the band was chosen by the probe
+        self.detector: LinearDetector | None = None  # fitted with the vectors (`prepare`)
         self.stats: LanguageStats | None = None
         self.calls = 0  # contrastive batches drawn so far (resumable pair order)
         self.hooks: ShifConHooks | None = None
@@ -254,6 +257,9 @@ class ShifCon(Method):
         rounds = -(-len(batches) // world)
         hidden = self.config_owner.config.hidden_size
         stats = LanguageStats.zeros(self.languages, self.layers, hidden, device=self.device)
+        # Detector features: pooled H_f of every vector sample, [rounds * batch, D + 1] (the
+        # last column: language id, -1 for unused rows), gathered from all ranks at the end.
+        feats = torch.full((rounds * batch_size, hidden + 1), -1.0, device=self.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -266,9 +272,23 @@ class ShifCon(Method):
                     mask = self.pool_mask(batch)
                     for layer, h in captured.items():
                         stats.update(layer, h, mask, batch.lang_ids)
+                    rows = slice(r * batch_size, r * batch_size + len(group))
+                    feats[rows, :hidden] = pooled_mean(captured[self.band[0]], mask).to(feats)
+                    feats[rows, hidden] = batch.lang_ids.to(feats)
         model.train(was_training)
         self.stats = all_reduce_(stats)
         self.hooks.set_vectors(self.stats)
+        self._fit_detector(feats, world)
+
+    def _fit_detector(self, feats: torch.Tensor, world: int) -> None:
+        """The `linear` language detector on the vector samples' pooled H_f (identical on
+        every rank: the features of all ranks are gathered first)."""
+        if world > 1:
+            parts = [torch.empty_like(feats) for _ in range(world)]
+            torch.distributed.all_gather(parts, feats)
+            feats = torch.cat(parts)
+        feats = feats[feats[:, -1] >= 0].cpu()
+        self.detector = LinearDetector.fit(feats[:, :-1], feats[:, -1].long(), len(self.languages))
 
     def vector_batches(self, examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
         """The first `vector_samples` training samples of every language, in batches: what the
@@ -375,10 +395,13 @@ class ShifCon(Method):
             "calls": self.calls,
             "stats": self.stats.state_dict() if self.stats else None,
             "band": list(self.band) if self.band else None,
+            "detector": self.detector.state_dict() if self.detector else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state.get("calls", 0)
+        if state.get("detector") is not None:
+            self.detector = LinearDetector(**state["detector"])
         if self.band is None and state.get("band") is not None:
             self._set_band(tuple(state["band"]))
         if state.get("stats") is not None:
@@ -388,6 +411,8 @@ class ShifCon(Method):
 
     def export(self, directory: Path) -> None:
         save_shifcon(directory, self.stats, self.band, self.cfg.vector_mode)
+        if self.detector is not None:
+            self.detector.save(directory)
         if self.probe_result is not None:
             self.probe_result.save(directory)
 
@@ -395,7 +420,7 @@ class ShifCon(Method):
         from methods.shifcon.probe import PLOT_FILE, PROBE_FILE
 
         files = [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
-        extra = [Path(export_dir) / PROBE_FILE, Path(export_dir) / PLOT_FILE]
+        extra = [Path(export_dir) / name for name in (PROBE_FILE, PLOT_FILE, DETECTOR_FILE)]
         return files + [p for p in extra if p.is_file()]
 
 
