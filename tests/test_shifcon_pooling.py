@@ -36,7 +36,7 @@ WORDS = {
 }
 
 
-def sentence(lang: str, rng: random.Random, words: list[int], numbers: list[int]) -> str:
+def sentence(lang: str, words: list[int], numbers: list[int]) -> str:
     parts = [WORDS[lang][w] for w in words]
     for k, n in enumerate(numbers):
         parts.insert(2 * k + 1, str(n))
@@ -50,7 +50,7 @@ def rows(n: int, seed: int) -> list[dict]:
         words = [rng.randrange(10) for _ in range(5)]
         numbers = [rng.randrange(10, 999) for _ in range(2)]
         for lang in LANGS:
-            text = sentence(lang, rng, words, numbers)
+            text = sentence(lang, words, numbers)
             out.append({"id": f"{seed}-{i}", "lang": lang, "instruction": text, "response": "ok"})
     return out
 
@@ -131,8 +131,8 @@ def test_detection_on_separable_languages(sink_model, tmp_path):
     """Held-out prompts of three separable languages: the linear detector and the centroids of
     content-pooled H_f are (near) perfect; every-token centroids are not; the detector survives
     the export (safetensors) unchanged."""
-    path, tokenizer, _ = sink_model
-    held = [r for r in rows(20, 7)]
+    _, tokenizer, _ = sink_model
+    held = rows(20, 7)
     accs = {}
     for pooling in ("all", "content"):
         model, method = _prepared(sink_model, pooling=pooling)
