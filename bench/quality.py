@@ -63,8 +63,8 @@ def base_recipe(args, out: Path) -> dict[str, Any]:
         },
         "training": {
             "steps": args.steps,
-            "global_batch_size": 4 if quick else 8,
-            "micro_batch_size": 4 if quick else 8,
+            "global_batch_size": 4 if quick else args.batch_size,
+            "micro_batch_size": 4 if quick else args.batch_size,
             "lr": args.lr,
             "warmup_steps": min(5, args.steps // 4),
             "schedule": "cosine",
@@ -91,7 +91,7 @@ def method_section(name: str, args, out: Path) -> dict[str, Any]:
     return {
         "name": "shifcon",
         "band": [int(x) for x in args.band.split(",")],
-        "vector_samples": 8 if args.quick else 64,
+        "vector_samples": 8 if args.quick else args.vector_samples,
         "mcl_batch_size": 4 if args.quick else 8,
         "pairs": {"path": str(out / "data" / "pairs.jsonl"), "max_length": 128},
     }
@@ -397,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--band", default="12,16")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8, help="global = micro batch")
+    parser.add_argument("--vector-samples", type=int, default=64, help="ShifCon, per language")
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument(
         "--train-items", type=int, default=400, help="train questions (x languages)"
