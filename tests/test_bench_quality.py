@@ -31,7 +31,7 @@ def shared_folder(root: Path, n: int = 40) -> Path:
     for lang, words in WORDS.items():
         rows = [
             {"lang": lang, "en": q, "target": f"Tom {words} {i} {i + 3} ?"}
-            for i, q in enumerate(reversed(questions))  # another order than the answers
+            for i, q in reversed(list(enumerate(questions)))  # another order than the answers
         ]
         path = root / "parallel" / "gsm8k_questions" / f"{lang}.jsonl"
         path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")

@@ -1,11 +1,11 @@
 """ShifCon inside megatron-core's partitioned decoder: layers that shift, capture and contrast.
 
-The math is `model/shifcon_math.py`, shared with the Hugging Face path; this file decides where
+The math is `methods/shifcon/math.py`, shared with the Hugging Face path; this file decides where
 it runs when the decoder is split into tensor- and pipeline-parallel stages.
 
 - Layers f..b are built as `ShifConLayer` through the layer spec (`layer_class_for`), on
-  whichever stage owns them. Every row of a micro-batch carries (role, language, length,
-  micro-batch index) in the block's ``context`` input: megatron's TransformerBlock hands that
+  whichever stage owns them. Every row of a micro-batch carries (role, language, pooled end,
+  micro-batch index, pooled start) in the block's ``context`` input: megatron's TransformerBlock hands that
   tensor to every layer and into activation recomputation, and GPT layer specs have no
   cross-attention that would read it. The shift is therefore a pure function of the layer's
   inputs, and recomputation sees the same shift.
@@ -81,8 +81,10 @@ def pooled_span(method: ShifCon, batch: Batch) -> tuple[Tensor, Tensor]:
     """(start, end) per row of the positions the method pools (ablation `pooling: all`: every
     non-padding position)."""
     lengths = batch.attention_mask.sum(1)
-    if method.cfg.pooling == "all" or batch.spans is None:
+    if method.cfg.pooling == "all":
         return torch.zeros_like(lengths), lengths
+    if batch.spans is None:
+        return torch.ones_like(lengths), lengths
     return batch.spans[:, 0], torch.minimum(batch.spans[:, 1], lengths)
 
 
