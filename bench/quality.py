@@ -139,7 +139,7 @@ def write_data(args, out: Path, languages: list[str]) -> tuple[list, list]:
     return train, held
 
 
-def train_run(recipe: dict, out: Path, name: str) -> Path:
+def train_run(recipe: dict, out: Path, name: str, reuse: bool = False) -> Path:
     """One run through `launcher/run.py`; returns its run dir (export inside)."""
     recipe_path = out / "recipes" / f"{name}.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +149,9 @@ def train_run(recipe: dict, out: Path, name: str) -> Path:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     start = time.time()
+    if reuse and (run_dir / "summary.json").is_file() and (run_dir / "export").is_dir():
+        print(f"  reusing {run_dir} (trained before)", flush=True)
+        return run_dir
     with log.open("w") as fh:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "launcher" / "run.py"), str(recipe_path)],
@@ -187,7 +190,12 @@ def _load_export(export: Path):
 
 @torch.no_grad()
 def evaluate_export(
-    export: Path, held: list, languages: list[str], band: tuple[int, int], batch_size: int = 8
+    export: Path,
+    held: list,
+    languages: list[str],
+    band: tuple[int, int],
+    batch_size: int = 8,
+    answer_tokens: int = 0,
 ) -> dict[str, Any]:
     """Answer NLL per language, gaps, bitext in the band, detection (see module docstring)."""
     from data.formatting import Example, collate, content_span, encode_example
@@ -206,6 +214,14 @@ def evaluate_export(
             ex = encode_example(
                 tokenizer, question, item.answer, lang=lang, id=item.id, max_length=1024
             )
+            if answer_tokens:  # score the first `answer_tokens` answer tokens only (cost)
+                prompt_len = sum(1 for x in ex.labels if x == -100)
+                ex = Example(
+                    ex.input_ids[: prompt_len + answer_tokens],
+                    ex.labels[: prompt_len + answer_tokens],
+                    "",
+                    "",
+                )
             examples.append(
                 Example(ex.input_ids, ex.labels, "", "", span=content_span(tokenizer, question))
             )
@@ -467,9 +483,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = f"{safe}_s{seed}"
             recipe = {"name": name, **recipe}
             start = time.time()
-            run_dir = train_run(recipe, out, name)
+            run_dir = train_run(recipe, out, name, reuse=args.reuse)
             seconds = time.time() - start
-            result = evaluate_export(run_dir / "export", held, languages, band)
+            print(
+                f"  evaluating {name} on {len(held)} held-out questions x {len(languages)}",
+                flush=True,
+            )
+            result = evaluate_export(
+                run_dir / "export", held, languages, band, answer_tokens=args.answer_tokens
+            )
             log_quality(uri, run_dir, result)
             curve = mcl_curve(uri, run_dir)
             mcl_batch = recipe["method"].get("mcl_batch_size", 8)
