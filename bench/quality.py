@@ -430,6 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny random model, a few steps (tests)"
     )
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=0,
+        help="score only the first N answer tokens (0: the whole worked answer)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip training a run whose run dir has an export"
+    )
     args = parser.parse_args(argv)
 
     from eval.benchmarks import shared_data_dir
