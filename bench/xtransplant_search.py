@@ -52,7 +52,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from config.schema import ModelSection
-    from launcher.xtransplant import Instance, PairSearchWorker, Unit
+    from launcher.xtransplant_config import Instance
+    from launcher.xtransplant_worker import PairSearchWorker, Unit
     from model.backbone import resolve_backbone
 
     path = resolve_backbone(ModelSection()).path
