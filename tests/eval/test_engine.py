@@ -21,8 +21,8 @@ from eval.suite import EvalOptions, evaluate, shifcon_hooks
 from methods.base import SFT
 from parallel.distributed import DistContext
 from parallel.engine import Engine
-from tests.conftest import run_cli, tiny_recipe, write_recipe
-from tests.test_eval import PAIRS, XCOPA
+from tests.helpers.eval_data import PAIRS, XCOPA
+from tests.helpers.runs import run_cli, tiny_recipe, write_recipe
 
 LOGPROB_TOL = 1e-4  # fp32 on CPU: batched vs. one-row forwards, ZeRO-3 vs. a plain model
 

@@ -13,7 +13,7 @@ import yaml
 
 from config.recipe import load_recipe
 from launcher.ray_package import PackageTooLarge, check_working_dir, measure
-from tests.cluster_procs import ROOT, tool_env
+from tests.helpers.cluster_procs import ROOT, tool_env
 
 CLUSTER = ROOT / "cluster"
 

@@ -20,7 +20,7 @@ from mlflow.entities import ViewType
 from launcher.tracking import HTTP_DEFAULTS, Tracker, flatten, sanitize_key
 from parallel.distributed import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "polyshift-tests"
 
 
@@ -49,7 +49,7 @@ def hf_export(tmp_path_factory) -> Path:
     """A real (tiny) Hugging Face export: safetensors, config and a byte-level tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny import byte_tokenizer
+    from tests.helpers.tiny import byte_tokenizer
 
     out = tmp_path_factory.mktemp("export") / "model"
     config = LlamaConfig(

@@ -1,6 +1,6 @@
 """Logits of the training engine restored from a run directory's latest checkpoint.
 
-Run as ``python -m tests.engine_logits RUN_DIR OUT.pt`` so DeepSpeed's global state never
+Run as ``python -m tests.helpers.engine_logits RUN_DIR OUT.pt`` so DeepSpeed's global state never
 leaks into the test process that loads the export with plain transformers.
 """
 
@@ -20,11 +20,11 @@ from launcher.loop import open_session
 def engine_logits(run_dir: Path, workdir: Path) -> dict:
     """Run this module in a fresh interpreter and load what it saved."""
     out = workdir / "engine_logits.pt"
-    from tests.conftest import clean_env
+    from tests.helpers.runs import clean_env
 
-    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine_logits", str(run_dir), str(out)],
+        [sys.executable, "-m", "tests.helpers.engine_logits", str(run_dir), str(out)],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

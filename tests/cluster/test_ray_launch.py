@@ -24,8 +24,8 @@ from config.schema import ClusterSection
 from launcher.checkpoints import COMPLETE, CheckpointStore
 from launcher.ray_launch import choose_launcher
 from launcher.universal import UNIVERSAL_TAG, saved_world_size
-from tests.cluster_procs import ROOT, leftovers, ray_head, wait_for
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.helpers.cluster_procs import ROOT, leftovers, ray_head, wait_for
+from tests.helpers.runs import run_cli, tiny_recipe, write_recipe
 
 STEPS = 12  # long enough that a kill after a checkpoint lands mid-run
 SETS = {"training": {"steps": STEPS}, "checkpoint": {"every": 2, "keep_last": 20}}

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from launcher.checkpoints import CheckpointStore
-from tests.conftest import run_cli, tiny_recipe, write_recipe
-from tests.engine_logits import engine_logits
-
-
-def train(tmp_path: Path, model_dir: Path, name: str, *sets: str, env=None, **sections):
-    recipe = tiny_recipe(model_dir, tmp_path, **sections)
-    recipe["name"] = name
-    path = write_recipe(tmp_path / f"{name}.yaml", recipe)
-    args = [a for s in sets for a in ("--set", s)]
-    proc = run_cli(str(path), *args, cwd=tmp_path, env=env)
-    return proc, tmp_path / "runs" / name
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "export" / "model.safetensors")
+from tests.helpers.engine_logits import engine_logits
+from tests.helpers.runs import summary, train, weights
 
 
 def test_two_process_zero3_learns_and_partitions(tmp_path, tiny_model_dir):

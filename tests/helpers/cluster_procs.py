@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 
 from parallel.distributed import free_port
-from tests.conftest import clean_env
+from tests.helpers.runs import clean_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
 
 

@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from config.schema import LensMethod
 from methods.lens import DIRECTIONS_FILE, META_FILE, Lens
-from tests.test_shifcon import _run_data
-from tests.test_training import summary, train, weights
+from tests.helpers.runs import run_data, summary, train, weights
 
 torch.set_num_threads(1)
 LENS = {
@@ -60,7 +59,7 @@ def test_only_top_k_layers_change(lens_run, tiny_model_dir):
 
 def test_english_kept_and_agnostic_gap_shrinks(lens_run, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    data = _run_data(tokenizer)
+    data = run_data(tokenizer)
     method = Lens(
         LensMethod(**LENS),
         languages=data.languages,

@@ -1,6 +1,6 @@
 """Megatron checks in one pair of gloo processes (process start-up dominates on CPU).
 
-``python -m torch.distributed.run --nproc_per_node 2 -m tests.megatron_worker SPEC.json OUT``
+``python -m torch.distributed.run --nproc_per_node 2 -m tests.helpers.megatron_worker SPEC.json OUT``
 
 SPEC is a list of jobs, run in order in the same two processes, each a fresh megatron layout:
 ``{"name", "recipe", "train": bool, "logits": bool, "export_untrained": bool}``. Training goes

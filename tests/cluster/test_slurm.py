@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from parallel.distributed import free_port
-from tests.cluster_procs import ROOT, leftovers, tool_env
-from tests.conftest import tiny_recipe, write_recipe
+from tests.helpers.cluster_procs import ROOT, leftovers, tool_env
+from tests.helpers.runs import tiny_recipe, write_recipe
 
 LOCAL_SLURM = ROOT / "cluster" / "slurm" / "local_slurm.sh"
 

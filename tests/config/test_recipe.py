@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from config.recipe import RecipeError, apply_override, load_recipe, parse_override
 from config.schema import Recipe
-from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.helpers.runs import ROOT, run_cli, tiny_recipe, write_recipe
 
 
 def _write(tmp_path, tree) -> str:

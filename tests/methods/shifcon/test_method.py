@@ -9,33 +9,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from config.schema import DataSection, DataSource, ShifConMethod
-from data.pipeline import build_run_data
+from config.schema import ShifConMethod
 from launcher.checkpoints import CheckpointStore
 from methods.shifcon.infer import ShiftedLM
 from methods.shifcon.math import LanguageStats
 from methods.shifcon.method import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
-from tests.engine_logits import engine_logits
-from tests.test_training import summary, train, weights
+from tests.helpers.engine_logits import engine_logits
+from tests.helpers.runs import run_data, summary, train, weights
 
 LANGS = ["en", "fr", "sw"]
 SHIFCON = {"name": "shifcon", "band": [1, 3], "mcl_batch_size": 4, "vector_samples": 8}
 
 
-def _run_data(tokenizer):
-    section = DataSection(
-        train=[DataSource(path="builtin:polyglot?items=40&seed=0")],
-        languages=LANGS,
-        max_length=160,
-        eval_samples_per_language=4,
-    )
-    return build_run_data(section, tokenizer)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return tiny_model_dir, tokenizer, _run_data(tokenizer)
+    return tiny_model_dir, tokenizer, run_data(tokenizer)
 
 
 def _model(path):

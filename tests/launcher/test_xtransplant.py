@@ -11,21 +11,12 @@ import torch
 import yaml
 
 from eval.scorer import load_model, right_pad
-from launcher.xtransplant import (
-    Instance,
-    PairSearchWorker,
-    Unit,
-    XTransplantConfig,
-    build_instances,
-    init_local_ray,
-    main,
-    parse_layers,
-    record_outputs,
-    search,
-    site_module,
-    transplant,
-)
-from tests.conftest import ROOT
+from launcher.xtransplant import main
+from launcher.xtransplant_config import Instance, XTransplantConfig, build_instances, parse_layers
+from launcher.xtransplant_search import init_local_ray, search
+from launcher.xtransplant_worker import PairSearchWorker, Unit
+from methods.xtransplant import record_outputs, site_module, transplant
+from tests.helpers.runs import ROOT
 
 PREMISES = [
     ("The man turned on the faucet.", "effect", 1),

@@ -20,7 +20,7 @@ from data.crossin import (
 from data.formatting import IGNORE_INDEX, encode_example
 from data.polyglot import build_polyglot
 from data.sources import load_rows
-from tests.tiny import byte_tokenizer
+from tests.helpers.tiny import byte_tokenizer
 
 LANGS = ["en", "fr", "sw", "zh"]
 NAMES = {"en": "English", "fr": "French", "sw": "Swahili", "zh": "Chinese"}

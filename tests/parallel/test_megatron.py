@@ -23,7 +23,7 @@ from methods.shifcon.infer import ShiftedLM
 from parallel.distributed import free_port
 from parallel.megatron_convert import hf_to_mcore, mcore_to_hf, pack_qkv, unpack_qkv
 from parallel.megatron_model import DecoderShape, layout_errors
-from tests.conftest import ROOT, clean_env, run_cli, tiny_recipe, write_recipe
+from tests.helpers.runs import ROOT, clean_env, run_cli, tiny_recipe, write_recipe
 
 SHIFCON = {"name": "shifcon", "band": [1, 3], "mcl_batch_size": 4, "vector_samples": 8}
 STEPS = 4
@@ -80,7 +80,7 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "tests.megatron_worker", str(spec), str(tmp),
+        "-m", "tests.helpers.megatron_worker", str(spec), str(tmp),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

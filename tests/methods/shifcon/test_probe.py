@@ -17,8 +17,7 @@ from launcher.probe import write_band_into
 from launcher.run import preflight
 from methods.shifcon.method import ShifCon, load_shifcon
 from methods.shifcon.probe import PLOT_FILE, PROBE_FILE, log_probe
-from tests.test_shifcon import _run_data
-from tests.test_training import summary, train
+from tests.helpers.runs import run_data, summary, train
 
 torch.set_num_threads(1)
 AUTO = {"name": "shifcon", "band": "auto", "mcl_batch_size": 4, "vector_samples": 8}
@@ -28,7 +27,7 @@ AUTO["probe_samples"] = 6
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return tiny_model_dir, tokenizer, _run_data(tokenizer)
+    return tiny_model_dir, tokenizer, run_data(tokenizer)
 
 
 def test_band_auto_two_ranks_equals_one_rank_and_is_logged(tmp_path, tiny):
