@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import _posixsubprocess
 import contextlib
 import os
 import signal
@@ -24,6 +25,53 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class ProcessInFastTest(RuntimeError):
+    """A test without the `slow` marker tried to start a process."""
+
+
+_SPAWNED: list[str] = []
+
+
+def _refusing(name: str, real):
+    def refuse(*args, **kwargs):
+        _SPAWNED.append(name)
+        raise ProcessInFastTest(f"{name}: this test starts a process; mark it @pytest.mark.slow")
+
+    refuse.real = real
+    return refuse
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """`make test-fast` must stay fast: a test not marked slow may start no process (subprocess,
+    multiprocessing, fork), from its set-up and fixtures through its teardown."""
+    if item.get_closest_marker("slow"):
+        return (yield)
+    targets = [(subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"),
+               (os, "posix_spawn"), (os, "posix_spawnp")]  # fmt: skip
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in targets if hasattr(mod, attr)]
+    _SPAWNED.clear()
+    for mod, attr, real in saved:
+        setattr(mod, attr, _refusing(f"{mod.__name__}.{attr}", real))
+    try:
+        return (yield)
+    finally:
+        for mod, attr, real in saved:
+            setattr(mod, attr, real)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail the test even when library code swallowed the refusal."""
+    report = yield
+    if call.when == "teardown" and _SPAWNED and not item.get_closest_marker("slow"):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} started a process ({', '.join(sorted(set(_SPAWNED)))}) "
+        report.longrepr += "without @pytest.mark.slow"
+        _SPAWNED.clear()
+    return report
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

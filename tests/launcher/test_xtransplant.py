@@ -249,6 +249,7 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_search_equals_sequential(tiny, model_dir, data_dir, local_ray):
     model, tokenizer = tiny
     config = _config(model_dir, data_dir)

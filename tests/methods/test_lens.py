@@ -14,6 +14,8 @@ from config.schema import LensMethod
 from methods.lens import DIRECTIONS_FILE, META_FILE, Lens
 from tests.helpers.runs import run_data, summary, train, weights
 
+pytestmark = pytest.mark.slow  # every test here runs the launcher in fresh processes
+
 torch.set_num_threads(1)
 LENS = {
     "name": "lens",
