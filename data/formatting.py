@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -82,6 +83,37 @@ def encode_example(
     return Example(input_ids=full, labels=labels, lang=lang, id=id)
 
 
+def encode_rows(
+    tokenizer,
+    rows: Iterable[Mapping[str, Any]],
+    languages: Collection[str],
+    *,
+    max_length: int,
+    system_prompt: str | None = None,
+) -> tuple[list[Example], int]:
+    """Examples of the instruction rows whose ``lang`` is in ``languages`` (others skipped),
+    and how many were dropped because truncation left no response token."""
+    out: list[Example] = []
+    dropped = 0
+    for row in rows:
+        if row["lang"] not in languages:
+            continue
+        ex = encode_example(
+            tokenizer,
+            row["instruction"],
+            row["response"],
+            lang=row["lang"],
+            id=row["id"],
+            max_length=max_length,
+            system_prompt=system_prompt,
+        )
+        if ex is None:
+            dropped += 1
+        else:
+            out.append(ex)
+    return out, dropped
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T]
@@ -115,17 +147,34 @@ def num_label_tokens(example: Example) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
+def _padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, cols] = 1
+    return ids, mask
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, content on the left (training, scoring, probing)."""
+    return _padded(seqs, pad_id, left=False)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, content on the right (batched generation)."""
+    return _padded(seqs, pad_id, left=True)
+
+
 def collate(examples: Sequence[Example], pad_id: int, languages: Sequence[str]) -> Batch:
     """Right-pad to the longest example of the micro-batch."""
-    width = max(len(e) for e in examples)
-    n = len(examples)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        input_ids[row, : len(ex)] = torch.tensor(ex.input_ids)
-        labels[row, : len(ex)] = torch.tensor(ex.labels)
-        mask[row, : len(ex)] = 1
+    input_ids, mask = right_pad([e.input_ids for e in examples], pad_id)
+    labels, _ = right_pad([e.labels for e in examples], IGNORE_INDEX)
     lang_index = {lang: i for i, lang in enumerate(languages)}
     lang_ids = torch.tensor([lang_index[e.lang] for e in examples], dtype=torch.long)
     return Batch(input_ids, mask, labels, lang_ids)
