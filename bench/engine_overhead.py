@@ -11,9 +11,7 @@ loss on it. Target: ours/bare <= 1.05.
 
 from __future__ import annotations
 
-import argparse
-
-from bench.common import open_bench_session, same_length_batch
+from bench.common import bench_parser, open_bench_session, parse_bench_args, same_length_batch
 from bench.timing import (
     best_ratio,
     fmt_ratio,
@@ -22,20 +20,15 @@ from bench.timing import (
     interleave,
     median_spread,
     ratios,
-    set_threads,
     spread_warning,
 )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = bench_parser(__doc__, reps=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
     import deepspeed
     import torch

@@ -23,11 +23,10 @@ second is the one the FLOP bound predicts, and the one the target (within 10%) i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
-from bench.common import open_bench_session, same_length_batch
+from bench.common import bench_parser, open_bench_session, parse_bench_args, same_length_batch
 from bench.timing import (
     best_ratio,
     fmt_ratio,
@@ -36,22 +35,17 @@ from bench.timing import (
     interleave,
     median_spread,
     ratios,
-    set_threads,
     spread_warning,
 )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = bench_parser(__doc__, reps=5)
     parser.add_argument("--batch", type=int, default=4, help="LM sequences per step")
     parser.add_argument("--max-length", type=int, default=64, help="LM sequence length cap")
     parser.add_argument("--mcl-batch", type=int, default=4, help="parallel pairs per step")
     parser.add_argument("--pair-length", type=int, default=48, help="pair sentence length cap")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
     import methods.shifcon.method as shifcon_mod
     from launcher.loop import micro_batches

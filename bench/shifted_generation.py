@@ -12,11 +12,11 @@ Target: tokens/s(on) / tokens/s(off) >= 0.97; on/plain is printed too (the stric
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from bench.common import bench_parser, parse_bench_args, real_model
 from bench.timing import (
     best_ratio,
     fmt_ratio,
@@ -25,7 +25,6 @@ from bench.timing import (
     interleave,
     median_spread,
     ratios,
-    set_threads,
     spread_warning,
 )
 
@@ -38,28 +37,16 @@ PROMPTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = bench_parser(__doc__, reps=7)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from config.schema import ModelSection
-    from data.formatting import Batch
+    from data.formatting import Batch, chat_prompt_ids, left_pad
     from methods.shifcon.infer import ShiftedLM
     from methods.shifcon.math import LanguageStats
     from methods.shifcon.method import ShifConHooks, capture_hidden
-    from model.backbone import resolve_backbone
 
-    path = resolve_backbone(ModelSection()).path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    model, tok = real_model()
     languages = ["en", *PROMPTS]
     band, layers = (11, 14), list(range(11, 15))
     stats = LanguageStats.zeros(languages, layers, model.config.hidden_size, torch.device("cpu"))
@@ -74,7 +61,8 @@ def main() -> None:
                 stats.update(layer, h, mask, torch.tensor([i]))
     capture.remove()
     lm = ShiftedLM(model, tok, {"languages": languages, "band": list(band)}, stats)
-    input_ids, mask = lm._prompt_batch(list(PROMPTS.values()), None, left=True)
+    prompts = [chat_prompt_ids(tok, p) for p in PROMPTS.values()]
+    input_ids, mask = left_pad(prompts, tok.pad_token_id)
     langs = list(PROMPTS)
     n_new = args.new_tokens * len(langs)
 

@@ -12,11 +12,9 @@ untimed round of both variants is the warm-up and the check that they score iden
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import torch
-
+from bench.common import bench_parser, parse_bench_args, real_model
 from bench.timing import (
     best_ratio,
     fmt_ratio,
@@ -25,7 +23,6 @@ from bench.timing import (
     interleave,
     median_spread,
     ratios,
-    set_threads,
     spread_warning,
 )
 
@@ -40,27 +37,15 @@ ITEMS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=0, help="extra untimed rounds")
+    parser = bench_parser(__doc__, reps=3, warmup=0, warmup_help="extra untimed rounds")
     parser.add_argument("--target", type=int, default=15, help="target layer j (1-based)")
     parser.add_argument("--sources", type=int, default=10, help="N source layers, evenly spread")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from config.schema import ModelSection
     from launcher.xtransplant_config import Instance
     from launcher.xtransplant_worker import PairSearchWorker, Unit
-    from model.backbone import resolve_backbone
 
-    path = resolve_backbone(ModelSection()).path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    model, tok = real_model()
     instances = [
         Instance(i, main, aux, float(gold), choices)
         for i, (main, aux, choices, gold) in enumerate(ITEMS)
