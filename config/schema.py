@@ -385,18 +385,11 @@ class Recipe(Section):
                 "parallel.tensor_parallel/pipeline_parallel: the deepspeed engine is data-parallel"
                 " (ZeRO); tensor or pipeline parallelism needs parallel.engine: megatron"
             )
-        if self.parallel.engine == "megatron":
-            if self.method.name == "lens":
-                raise ValueError(
-                    "method.name: lens runs on the deepspeed engine only (parallel.engine)"
-                )
-            if self.method.name == "shifcon" and self.method.band == "auto":
-                raise ValueError(
-                    "method.band: auto needs the deepspeed engine; pick the band with "
-                    "`python -m launcher.probe` and write it into the recipe"
-                )
-            if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
-                raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")
+        # What a method needs from the engine is its registry entry's to say
+        # (methods/registry.py `recipe_errors`, checked by the launcher's preflight).
+        p = self.parallel
+        if p.engine == "megatron" and p.sequence_parallel and p.tensor_parallel == 1:
+            raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")
         t, dp = self.training, self.data_parallel_size
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ValueError(

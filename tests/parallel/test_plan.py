@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from config.errors import UserError
 from parallel.plan import (
     KNOWN_ARCHS,
     Arch,
@@ -84,9 +85,9 @@ def test_layout_read_from_recipe_fields_and_overrides() -> None:
     assert not layout_from_recipe(mg, 64, sequence_parallel=False).sequence_parallel
     ds = layout_from_recipe(mg, 64, engine="deepspeed")  # the same run planned on ZeRO
     assert (ds.engine, ds.tp, ds.pp, ds.dp) == ("deepspeed", 1, 1, 64)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         layout_from_recipe(mg, 64, engine="deepspeed", tp=2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         layout_from_recipe(mg, 12)  # TP 8 x PP 4 does not divide 12
 
 
