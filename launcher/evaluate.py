@@ -12,7 +12,7 @@ from typing import Any
 from config.schema import EvalSection
 from eval.benchmarks import BenchmarkError
 from eval.suite import TASKS, check_data, evaluate, publish, shifcon_hooks
-from eval.tasks import rank_and_world
+from model.layers import rank_world
 
 # CLI flag -> EvalSection field (defaults, types and checks all come from the schema).
 _FLAGS: dict[str, str] = {
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from parallel.distributed import init_distributed, resolve_device
 
         init_distributed(resolve_device("auto"))
-    rank, world = rank_and_world()
+    rank, world = rank_world()
     model, tokenizer = load_model(
         args.model, dtype=getattr(torch, args.dtype), attn_implementation=args.attn
     )
