@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) launcher/run.py $(RECIPE) $(RECIPE_ARGS)
 
-# Everything, as CI runs it: Slurm, Ray, MLflow servers and the 2-process jobs included.
+# Everything, as CI runs it: Slurm, Ray, MLflow servers and the 2-process jobs included. Two
+# xdist workers, whole files each (module fixtures are built once), longest files first
+# (tests/conftest.py LONGEST_FIRST); one MLflow server for both. Most of the suite's time is
+# process start-up and waiting on clusters, so two workers overlap well on 2 cores.
+TEST_WORKERS ?= 2
 test: setup slurm-setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Unit tests only: no subprocess, no server, no cluster (conftest.py fails a test that starts a
 # process without @pytest.mark.slow). Under 2 minutes.
