@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import _posixsubprocess
+import contextlib
+import json
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,12 +44,8 @@ def _refusing(name: str, real):
     return refuse
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item, nextitem):
-    """`make test-fast` must stay fast: a test not marked slow may start no process (subprocess,
-    multiprocessing, fork), from its set-up and fixtures through its teardown."""
-    if item.get_closest_marker("slow"):
-        return (yield)
+@contextlib.contextmanager
+def _no_process_starts() -> Iterator[None]:
     targets = [(subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"),
                (os, "posix_spawn"), (os, "posix_spawnp")]  # fmt: skip
     saved = [(mod, attr, getattr(mod, attr)) for mod, attr in targets if hasattr(mod, attr)]
@@ -53,10 +53,45 @@ def pytest_runtest_protocol(item, nextitem):
     for mod, attr, real in saved:
         setattr(mod, attr, _refusing(f"{mod.__name__}.{attr}", real))
     try:
-        return (yield)
+        yield
     finally:
         for mod, attr, real in saved:
             setattr(mod, attr, real)
+
+
+def _cpu_s() -> float:
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@contextlib.contextmanager
+def _cpu_logged(nodeid: str, log: str) -> Iterator[None]:
+    wall, cpu = time.monotonic(), _cpu_s()
+    try:
+        yield
+    finally:
+        row = {"test": nodeid, "wall_s": round(time.monotonic() - wall, 2),
+               "cpu_s": round(_cpu_s() - cpu, 2)}  # fmt: skip
+        with open(log, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """`make test-fast` must stay fast: a test not marked slow may start no process (subprocess,
+    multiprocessing, fork), from its set-up and fixtures through its teardown.
+
+    POLYSHIFT_TEST_CPU_LOG=FILE: one JSON line per test with its wall and CPU seconds (its own
+    and its finished child processes'), a measure that other load on the machine barely moves."""
+    with contextlib.ExitStack() as stack:
+        if not item.get_closest_marker("slow"):
+            stack.enter_context(_no_process_starts())
+        if log := os.environ.get("POLYSHIFT_TEST_CPU_LOG"):
+            stack.enter_context(_cpu_logged(item.nodeid, log))
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
