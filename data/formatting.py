@@ -1,4 +1,4 @@
-"""Prompt/response -> token ids with the loss on the response only, through the chat template."""
+"""Dialogues -> token ids with the loss on the assistant turns only, through the chat template."""
 
 from __future__ import annotations
 
@@ -61,26 +61,89 @@ def encode_example(
     system_prompt: str | None = None,
 ) -> Example | None:
     """None when truncation to `max_length` would leave no response token to learn from."""
-    prompt = chat_prompt_ids(tokenizer, instruction, system_prompt)
+    return encode_dialogue(
+        tokenizer,
+        _messages(instruction, None, response),
+        lang=lang,
+        id=id,
+        max_length=max_length,
+        system_prompt=system_prompt,
+    )
+
+
+def encode_dialogue(
+    tokenizer,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    lang: str,
+    id: str,
+    max_length: int,
+    system_prompt: str | None = None,
+) -> Example | None:
+    """One example of a whole conversation with labels on the assistant turns only.
+
+    Each assistant turn's tokens are found as the difference between the dialogue rendered up
+    to its generation prompt and rendered through it, so they are exactly what the model
+    would be asked to generate at that point.  ``system_prompt`` is used only when the
+    conversation has no system message of its own.  None when truncation leaves no label.
+    """
+    messages = [dict(m) for m in messages]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     if tokenizer.chat_template:
-        full = _ids(
+        full, spans = _template_spans(tokenizer, messages)
+    else:
+        full, spans = _plain_spans(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(full)
+    for start, end in spans:
+        labels[start:end] = full[start:end]
+    full, labels = full[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(input_ids=full, labels=labels, lang=lang, id=id)
+
+
+def _template_spans(tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    def render(upto: int, generation: bool) -> list[int]:
+        return _ids(
             tokenizer.apply_chat_template(
-                _messages(instruction, system_prompt, response), tokenize=True, return_dict=True
+                messages[:upto], add_generation_prompt=generation, tokenize=True, return_dict=True
             )
         )
-        if full[: len(prompt)] != prompt:
+
+    full = render(len(messages), False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, through = render(i, True), render(i + 1, False)
+        if full[: len(start)] != start or full[: len(through)] != through:
             raise UserError(
                 "model.chat_template: the chat template renders the prompt differently with and without the answer; "
                 "set model.chat_template to one whose prompt is a prefix of the full dialogue"
             )
-    else:
-        answer = _ids(tokenizer(response, add_special_tokens=False))
-        full = prompt + answer + [tokenizer.eos_token_id]
-    full = full[:max_length]
-    if len(full) <= len(prompt):
-        return None
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
-    return Example(input_ids=full, labels=labels, lang=lang, id=id)
+        spans.append((len(start), len(through)))
+    return full, spans
+
+
+def _plain_spans(tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """No template: ``system\n\nuser\n\n`` then the answer and EOS, turn after turn."""
+    full: list[int] = []
+    spans = []
+    pending = ""
+    for message in messages:
+        if message["role"] != "assistant":
+            pending += message["content"] + "\n\n"
+            continue
+        full += _ids(tokenizer(pending, add_special_tokens=not full))
+        pending = ""
+        start = len(full)
+        full += _ids(tokenizer(message["content"], add_special_tokens=False))
+        full.append(tokenizer.eos_token_id)
+        spans.append((start, len(full)))
+    if pending:
+        full += _ids(tokenizer(pending, add_special_tokens=not full))
+    return full, spans
 
 
 def encode_rows(
@@ -91,17 +154,18 @@ def encode_rows(
     max_length: int,
     system_prompt: str | None = None,
 ) -> tuple[list[Example], int]:
-    """Examples of the instruction rows whose ``lang`` is in ``languages`` (others skipped),
-    and how many were dropped because truncation left no response token."""
+    """Examples of the rows whose ``lang`` is in ``languages`` (others skipped), and how many
+    were dropped because truncation left no response token.  A row with ``messages`` (a
+    multi-turn conversation, see `data.rows`) is encoded whole."""
     out: list[Example] = []
     dropped = 0
     for row in rows:
         if row["lang"] not in languages:
             continue
-        ex = encode_example(
+        messages = row.get("messages") or _messages(row["instruction"], None, row["response"])
+        ex = encode_dialogue(
             tokenizer,
-            row["instruction"],
-            row["response"],
+            messages,
             lang=row["lang"],
             id=row["id"],
             max_length=max_length,
