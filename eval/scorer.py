@@ -199,7 +199,11 @@ class BatchedScorer(TextEncoder):
         raise NotImplementedError
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
-        encoded = [self.encode_request(context, cont) for context, cont in requests]
+        return self.score_encoded([self.encode_request(ctx, cont) for ctx, cont in requests])
+
+    def score_encoded(self, encoded: Sequence[tuple[list[int], int]]) -> list[LoglikelihoodResult]:
+        """Score already-tokenised (full ids, continuation length) rows, e.g. the rolling
+        windows of a long text (``eval.harness``)."""
         results: list[LoglikelihoodResult | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         with self.grad_mode():
