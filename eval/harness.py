@@ -261,13 +261,9 @@ def run_tasks(
     its datasets come from the hub) is only read when a task is not one of ours.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    from eval.lm_eval_tasks import write_tasks
-
-    ours = write_tasks(tasks, data_dir, task_dir, max_new_tokens=max_new_tokens)
-    manager = TaskManager(include_path=str(task_dir) if ours else None,
-                          include_defaults=any(t not in ours for t in tasks))  # fmt: skip
+    manager = task_manager(tasks, data_dir=data_dir, task_dir=task_dir,
+                           max_new_tokens=max_new_tokens)  # fmt: skip
     raw = simple_evaluate(
         model=lm,
         tasks=list(tasks),
@@ -281,6 +277,30 @@ def run_tasks(
     if raw is None:  # a non-zero rank under lm-eval's own data parallelism
         return {}, {}
     return task_results(raw), raw
+
+
+def task_manager(
+    tasks: Sequence[str],
+    *,
+    data_dir: str | os.PathLike,
+    task_dir: str | os.PathLike,
+    max_new_tokens: int = 256,
+) -> Any:
+    """lm-eval's ``TaskManager`` that knows every one of ``tasks``: ours written to
+    ``task_dir`` first; a name lm-eval does not know either raises ``BenchmarkError``
+    (before any model is loaded)."""
+    from lm_eval.tasks import TaskManager
+
+    from eval.benchmarks import BenchmarkError
+    from eval.lm_eval_tasks import write_tasks
+
+    ours = write_tasks(tasks, data_dir, task_dir, max_new_tokens=max_new_tokens)
+    manager = TaskManager(include_path=str(task_dir) if ours else None,
+                          include_defaults=any(t not in ours for t in tasks))  # fmt: skip
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise BenchmarkError(f"lm-eval knows no task {', '.join(unknown)} (`lm_eval ls tasks`)")
+    return manager
 
 
 _METRICS = ("acc", "exact_match", "acc_norm", "f1", "word_perplexity")
