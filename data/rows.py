@@ -59,24 +59,27 @@ def columns(fmt: str, fields: Mapping[str, str]) -> dict[str, str]:
     return names
 
 
-def detect_format(record: Any, fields: Mapping[str, str]) -> str:
-    """The format whose columns the record has; ``instruction`` (today's rows) when none fit,
-    so that its errors name the missing field."""
-    if not isinstance(record, Mapping):
-        return "instruction"
-    for fmt in ("sharegpt", "messages"):
-        turns = record.get(columns(fmt, fields)["messages"])
-        if isinstance(turns, list):
-            first = next((t for t in turns if isinstance(t, Mapping)), {})
-            other = "messages" if fmt == "sharegpt" else "sharegpt"
-            if _TURN_KEYS[other][0] in first and _TURN_KEYS[fmt][0] not in first:
-                return other  # e.g. role/content turns under a "conversations" column
-            return fmt
-    for fmt in ("instruction", "alpaca"):
-        names = columns(fmt, fields)
-        if names["instruction"] in record and names["response"] in record:
-            return fmt
-    return "instruction"
+def detect_format(record: Any, fields: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The format whose columns the record has, and ``fields`` completed for it.
+
+    Role/content turns under a ``conversations`` column (common on the Hub) are ``messages``
+    read from that column.  When nothing fits: ``instruction`` (the project's own rows), so
+    that its errors name the missing field.
+    """
+    if isinstance(record, Mapping):
+        for fmt, other in (("sharegpt", "messages"), ("messages", "sharegpt")):
+            column = columns(fmt, fields)["messages"]
+            turns = record.get(column)
+            if isinstance(turns, list):
+                first = next((t for t in turns if isinstance(t, Mapping)), {})
+                if _TURN_KEYS[other][0] in first and _TURN_KEYS[fmt][0] not in first:
+                    return other, {**fields, "messages": column}
+                return fmt, dict(fields)
+        for fmt in ("instruction", "alpaca"):
+            names = columns(fmt, fields)
+            if names["instruction"] in record and names["response"] in record:
+                return fmt, dict(fields)
+    return "instruction", dict(fields)
 
 
 def normalise(
@@ -171,6 +174,8 @@ def text(record: Mapping[str, Any], column: str, parent: str = "") -> str:
 def json_type(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, str):
+        return "string"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, (int, float)):

@@ -101,7 +101,7 @@ def load_rows(
             if isinstance(record, BadRow):
                 raise record
             if fmt is None:
-                fmt = detect_format(record, mapping)
+                fmt, mapping = detect_format(record, mapping)
             row = normalise(record, index, fmt, columns(fmt, mapping), language)
         except BadRow as bad:
             if on_bad_row == "error":
