@@ -305,3 +305,51 @@ def test_recipe_rejects_an_unknown_format(tmp_path: Path) -> None:
         load_recipe(path)
     assert DataSource(path="a").format == "auto"
     assert DataSection().train[0].format == "auto"
+
+
+def _byod_files(tmp_path: Path) -> list[dict]:
+    """Eight rows per format: alpaca (JSON array, en), ShareGPT (fr), messages (sw)."""
+    alpaca = [
+        {"instruction": f"Add {a} and {a + 1}.", "input": "" if a % 2 else "Reply with digits.",
+         "output": str(2 * a + 1)}
+        for a in range(8)
+    ]  # fmt: skip
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca, indent=1), "utf-8")
+    sharegpt = [
+        {"conversations": [{"from": "human", "value": f"Combien font {a} plus {a}?"},
+                           {"from": "gpt", "value": str(2 * a)},
+                           {"from": "human", "value": "Et en lettres?"},
+                           {"from": "gpt", "value": f"Le double de {a}."}]}
+        for a in range(8)
+    ]  # fmt: skip
+    messages = [
+        {"messages": as_messages([{"from": t["from"], "value": t["value"] + " sw"}
+                                  for t in row["conversations"]]), "lang": "sw"}
+        for row in sharegpt
+    ]  # fmt: skip
+    return [
+        {"path": str(tmp_path / "alpaca.json"), "language": "en"},
+        {"path": str(jsonl(tmp_path / "sharegpt.jsonl", sharegpt)), "language": "fr"},
+        {"path": str(jsonl(tmp_path / "messages.jsonl", messages)), "format": "messages"},
+    ]
+
+
+@pytest.mark.slow  # runs the launcher in a fresh process
+def test_training_run_on_all_three_formats_learns(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tests.helpers.runs import run_cli, summary, tiny_recipe, write_recipe
+
+    sources = _byod_files(tmp_path)
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tmp_path,
+        data={"train": sources, "eval": sources, "languages": ["en", "fr", "sw"]},
+        training={"steps": 8},
+    )
+    recipe["name"] = "byod"
+    proc = run_cli(str(write_recipe(tmp_path / "byod.yaml", recipe)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"train": {"en": 8, "fr": 8, "sw": 8}' in proc.stdout
+    s = summary(tmp_path / "runs" / "byod")
+    assert sorted(s["eval_after"]) == ["en", "fr", "sw"]
+    for lang, before in s["eval_before"].items():
+        assert s["eval_after"][lang] < before, lang
