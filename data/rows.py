@@ -59,14 +59,11 @@ def columns(fmt: str, fields: Mapping[str, str]) -> dict[str, str]:
     return names
 
 
-def detect_format(record: Any, fields: Mapping[str, str]) -> tuple[str, dict[str, str]]:
-    """The format whose columns the record has, and ``fields`` completed for it.
-
-    Role/content turns under a ``conversations`` column (common on the Hub) are ``messages``
-    read from that column.  When nothing fits: ``instruction`` (the project's own rows), so
-    that its errors name the missing field.
-    """
-    if isinstance(record, Mapping):
+def detect_format(record: Any, fields: Mapping[str, str]) -> tuple[str | None, dict[str, str]]:
+    """The format whose columns the record has (None: none fits), and ``fields`` completed
+    for it.  Role/content turns under a ``conversations`` column (common on the Hub) are
+    ``messages`` read from that column."""
+    if isinstance(record, Mapping):  # (only objects reach here; the guard is for other callers)
         for fmt, other in (("sharegpt", "messages"), ("messages", "sharegpt")):
             column = columns(fmt, fields)["messages"]
             turns = record.get(column)
@@ -79,7 +76,7 @@ def detect_format(record: Any, fields: Mapping[str, str]) -> tuple[str, dict[str
             names = columns(fmt, fields)
             if names["instruction"] in record and names["response"] in record:
                 return fmt, dict(fields)
-    return "instruction", dict(fields)
+    return None, dict(fields)
 
 
 def normalise(

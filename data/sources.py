@@ -89,6 +89,7 @@ def load_rows(
         raise DataError(f"{name}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     mapping = _field_names(name, fields)
     fmt = None if format == "auto" else format
+    guessed = False  # the format was the fallback of `auto`: say so in the first row's error
     if language is not None and (not isinstance(language, str) or not language.strip()):
         raise DataError(f"{name}: language must be a non-empty string, got {language!r}")
 
@@ -100,15 +101,22 @@ def load_rows(
         try:
             if isinstance(record, BadRow):
                 raise record
-            if fmt is None:
-                fmt, mapping = detect_format(record, mapping)
-            row = normalise(record, index, fmt, columns(fmt, mapping), language)
+            if fmt is None and isinstance(record, Mapping):  # the first JSON object decides
+                found, mapping = detect_format(record, mapping)
+                fmt, guessed = found or "instruction", found is None
+            layout = fmt or "instruction"
+            row = normalise(record, index, layout, columns(layout, mapping), language)
         except BadRow as bad:
+            if guessed and not bad.detail:  # the first row of a source of unknown layout
+                known = ", ".join(FORMATS[1:])
+                bad.detail = f"no known format in the first row; set the source's format ({known})"
+            guessed = False
             if on_bad_row == "error":
                 raise DataError(f"{where}: {bad}") from None
             report.skipped += 1
             report.reasons[bad.reason] = report.reasons.get(bad.reason, 0) + 1
             continue
+        guessed = False
         rows.append(row)
         report.kept += 1
         if limit is not None and len(rows) >= limit:

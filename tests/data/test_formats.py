@@ -287,8 +287,16 @@ def test_auto_detection_and_field_mapping(tmp_path: Path) -> None:
     assert rows[0]["lang"] == "sw" and rows[0]["instruction"] == "Taja rangi."
     # A first row of no known shape is read as instruction rows, whose error names the field.
     path = jsonl(tmp_path / "c.jsonl", [{"prompt": "q", "completion": "a", "lang": "en"}])
-    with pytest.raises(DataError, match=rf'^{path}:1: missing field "instruction"'):
+    with pytest.raises(DataError) as info:
         load_rows(path)
+    assert str(info.value) == (
+        f'{path}:1: missing field "instruction" (no known format in the first row; '
+        "set the source's format (instruction, alpaca, sharegpt, messages))"
+    )
+    # Lines that are not objects do not decide the format; the first object does.
+    jsonl(path, [[1], {"conversations": CHAT_SW, "lang": "sw"}])
+    rows, report = load_rows(path, on_bad_row="skip")
+    assert report.skipped == 1 and rows[0]["messages"] == as_messages(CHAT_SW)
     with pytest.raises(DataError, match="unknown format 'csv'"):
         load_rows(path, format="csv")
 
