@@ -8,7 +8,8 @@ encoder turns into one example with the loss on every assistant turn.  ``instruc
 
 Formats (``format:`` of a data source):
 
-* ``instruction``: ``instruction``, ``response`` (the project's own rows);
+* ``instruction``: ``instruction``, ``response`` (the project's own rows; an ``input`` is
+  joined as in alpaca, never dropped);
 * ``alpaca``: ``instruction``, optional ``input`` (joined to the instruction after a blank
   line, as the Alpaca prompt does), ``output``;
 * ``sharegpt``: ``conversations`` of ``{"from": human|gpt|system, "value"}``;
