@@ -10,7 +10,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.errors import UserError, WorkersFailed
+from config.errors import TrainingDiverged, UserError, WorkersFailed
 from config.recipe import RecipeError, dump_recipe, load_recipe
 from config.schema import Recipe
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except WorkersFailed as exc:
+    except (WorkersFailed, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
