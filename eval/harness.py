@@ -9,8 +9,11 @@ two-letter part), else the language the export's detector finds for the prompt
 (``ShiftedLM.detect``, nearest language centroid). A language without vectors stays unshifted,
 as in our own tasks; a plain export is never shifted.
 
-    lm_eval --model polyshift --model_args pretrained=runs/x/export,lang=sw ...  (after
-    ``import eval.harness``), or ``python -m launcher.evaluate --harness lm-eval``.
+    import eval.harness  # registers "polyshift" with lm-eval
+    lm_eval.simple_evaluate(model="polyshift", model_args="pretrained=runs/x/export,lang=sw",
+                            tasks=[...], task_manager=eval.harness.task_manager(...))
+
+or ``python -m launcher.evaluate --harness lm-eval`` (``run_tasks`` below).
 """
 
 from __future__ import annotations
