@@ -162,3 +162,30 @@ def test_cli_lm_eval_logs_like_our_tasks(shifcon_export, data_dir, tmp_path, mlf
     ):
         args = ["--harness", "lm-eval", "--model", "x", "--data-dir", str(data_dir), *bad]
         assert eval_main(args) == 2
+
+
+def test_rolling_loglikelihood_scores_every_token_once(tiny_model_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows
+
+    text = "Ana tufaha tatu na machungwa mawili."
+    request = Instance("loglikelihood_rolling", {}, (text,), 0, ("wikitext", 0, 1))
+    [whole] = PolyshiftLM(str(tiny_model_dir), device="cpu").loglikelihood_rolling([request])
+    model, tokenizer = load_model(tiny_model_dir, device="cpu")
+    [direct] = HFScorer(model, tokenizer).loglikelihood([("", text)])  # one window: the same
+    assert whole == pytest.approx(direct.logprob, abs=LOGPROB_TOL)
+    # Windows of 8 tokens (lm-eval's disjoint rolling windows): each token is predicted once.
+    short = HFScorer(model, tokenizer, max_length=8)
+    [windowed] = PolyshiftLM(scorer=short).loglikelihood_rolling([request])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = get_rolling_token_windows(ids, tokenizer.eos_token_id, 8, 1)
+    expected, predicted = 0.0, []
+    with torch.no_grad():
+        for inputs, targets in windows:  # unbatched forwards, one per window
+            logprobs = torch.log_softmax(model(torch.tensor([inputs])).logits[0], dim=-1)
+            offset = len(inputs) - len(targets)
+            expected += sum(float(logprobs[offset + k, tok]) for k, tok in enumerate(targets))
+            predicted += targets
+    assert predicted == ids and len(ids) > 16  # several windows
+    assert windowed != pytest.approx(whole, abs=1e-2)
+    assert windowed == pytest.approx(expected, abs=1e-3)
