@@ -256,6 +256,7 @@ def run_tasks(
     max_new_tokens: int = 256,
     apply_chat_template: bool = False,
     system_instruction: str | None = None,
+    manager: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """lm-eval's ``evaluate`` on ``tasks``; returns (results as our ``TaskResult`` per
     benchmark, lm-eval's own results dict).
@@ -268,8 +269,9 @@ def run_tasks(
     """
     from lm_eval.evaluator import evaluate
 
-    manager = task_manager(tasks, data_dir=data_dir, task_dir=task_dir,
-                           max_new_tokens=max_new_tokens)  # fmt: skip
+    if manager is None:  # else: the caller's, from task_manager() with the same arguments
+        manager = task_manager(tasks, data_dir=data_dir, task_dir=task_dir,
+                               max_new_tokens=max_new_tokens)  # fmt: skip
     loaded = manager.load(list(tasks))
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") is None:

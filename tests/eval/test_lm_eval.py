@@ -155,7 +155,8 @@ def test_cli_lm_eval_logs_like_our_tasks(shifcon_export, data_dir, tmp_path, mlf
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/results.md", "eval/lm_eval_results.json", "eval/eval_results.png"} <= artifacts
 
-    bad_tasks = ("xcopa_xx", "xcopa_../xcopa/sw", "no_such_task_anywhere", "xcopa")
+    # A missing file, a path, an unknown task, no language; then a good task on no model.
+    bad_tasks = ("xcopa_xx", "xcopa_../xcopa/sw", "no_such_task_anywhere", "xcopa", "xcopa_sw")
     for bad in (["--tasks", t] for t in bad_tasks):
         args = ["--harness", "lm-eval", "--model", "x", "--data-dir", str(data_dir), *bad]
         assert eval_main(args) == 2
