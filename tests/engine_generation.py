@@ -25,16 +25,19 @@ PROMPTS = {
     "sw": "Habari yako? Jina lako ni nani, rafiki yangu mpendwa?",
 }
 STEPS = 6
+FORCED = " 12 apples"
 
 
-def _cached(engine: Any, ids: torch.Tensor, mask: torch.Tensor, langs: torch.Tensor):
-    """Greedy ids ``[B, STEPS]`` and each step's next-token logits ``[STEPS, B, V]``."""
+def _cached(engine: Any, ids: torch.Tensor, mask: torch.Tensor, langs: torch.Tensor, forced=None):
+    """Fed ids ``[B, STEPS]`` (greedy, or ``forced[k]`` at step k) and each step's
+    next-token logits ``[STEPS, B, V]``."""
     batch = Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX), langs)
     logits, state = engine.prefill(batch, STEPS)
     tokens, steps = [], []
     for step in range(STEPS):
         steps.append(logits.cpu())
-        tokens.append(logits.argmax(dim=-1))
+        pick = logits.argmax(dim=-1) if forced is None else torch.full_like(ids[:, 0], forced[step])
+        tokens.append(pick.to(logits.device))
         if step + 1 < STEPS:
             logits = engine.decode(state, tokens[-1])
     return torch.stack(tokens, dim=1).cpu(), torch.stack(steps)
@@ -48,10 +51,13 @@ def record(session: Any) -> dict[str, Any]:
     prompts = [chat_prompt_ids(tok, PROMPTS[lang], None) for lang in langs]
     lang_ids = torch.tensor([languages.index(lang) for lang in langs])
     ids, mask = left_pad(prompts, tok.pad_token_id)
-    tokens, cached_logits = _cached(engine, ids, mask, lang_ids)
-    # Uncached reference: one full forward over prompt + generated ids (right-padded), read at
-    # the positions that predicted each generated token.
-    full = [p + t for p, t in zip(prompts, tokens.tolist(), strict=True)]
+    tokens, _ = _cached(engine, ids, mask, lang_ids)
+    # Varied fed tokens (a tiny trained model tends to repeat one token greedily); the
+    # uncached reference is one full forward over prompt + fed ids (right-padded), read at
+    # the positions that predicted each fed token.
+    forced = tok(FORCED)["input_ids"][:STEPS]
+    fed, cached_logits = _cached(engine, ids, mask, lang_ids, forced)
+    full = [p + t for p, t in zip(prompts, fed.tolist(), strict=True)]
     rids, rmask = right_pad(full, tok.pad_token_id)
     logits = engine.forward_logits(
         Batch(rids, rmask, torch.full_like(rids, IGNORE_INDEX), lang_ids)
@@ -60,7 +66,8 @@ def record(session: Any) -> dict[str, Any]:
     uncached = torch.stack(
         [logits[rows, torch.tensor([len(p) - 1 + k for p in prompts])].cpu() for k in range(STEPS)]
     )
-    plain_tokens, plain_logits = _cached(engine, ids, mask, torch.zeros_like(lang_ids))
+    plain_tokens, _ = _cached(engine, ids, mask, torch.zeros_like(lang_ids))
+    _, plain_logits = _cached(engine, ids, mask, torch.zeros_like(lang_ids), forced)
     scorer: dict[str, Any] = {}
     texts = list(PROMPTS.values())
     for kv_cache in (True, False):
@@ -82,6 +89,33 @@ def record(session: Any) -> dict[str, Any]:
         "plain_logits": plain_logits,
         "scorer": scorer,
     }
+
+
+def check_record(rec: dict[str, Any], export: Path, langs: list[str]) -> None:
+    """What the engine's cached decode must show: each step's logits equal a full uncached
+    forward of the same sequence (so decode steps are shifted like the prompt), the tokens
+    equal the export's shifted HF generate (``ShiftedLM``), the unshifted decode the plain
+    export's, and EngineScorer answers the same with and without the cache."""
+    from model.shifcon_infer import ShiftedLM
+
+    assert rec["langs"] == langs
+    torch.testing.assert_close(rec["cached_logits"], rec["uncached_logits"], rtol=1e-4, atol=1e-4)
+    lm = ShiftedLM.from_export(export)
+    ids, mask = lm._prompt_batch(rec["prompts"], None, left=True)
+    width = ids.shape[1]
+    shifted = lm.generate_ids(ids, mask, rec["langs"], max_new_tokens=STEPS)[:, width:]
+    assert torch.equal(shifted, rec["tokens"])
+    plain = lm.generate_ids(ids, mask, None, max_new_tokens=STEPS)[:, width:]
+    assert torch.equal(plain, rec["plain_tokens"])
+    # The shift is on at every step: English rows are untouched, the others move.
+    shifted_logits, unshifted = rec["cached_logits"], rec["plain_logits"]
+    torch.testing.assert_close(shifted_logits[:, 0], unshifted[:, 0], rtol=0, atol=0)
+    for step in range(STEPS):
+        assert not torch.allclose(shifted_logits[step, 1:], unshifted[step, 1:], atol=1e-4)
+    scorer = rec["scorer"]
+    assert scorer["cached"] == scorer["uncached"]
+    assert any(any(v) for v in scorer["cached"].values())
+    assert scorer["forwards_cached"] == scorer["forwards_uncached"]
 
 
 def engine_generation(run_dir: Path, workdir: Path) -> dict:

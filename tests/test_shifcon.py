@@ -15,8 +15,7 @@ from launcher.schema import DataSection, DataSource, ShifConMethod
 from model.shifcon import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
 from model.shifcon_infer import ShiftedLM
 from model.shifcon_math import LanguageStats
-from tests.engine_generation import STEPS as GEN_STEPS
-from tests.engine_generation import engine_generation
+from tests.engine_generation import check_record, engine_generation
 from tests.engine_logits import engine_logits
 from tests.test_training import summary, train, weights
 
@@ -218,27 +217,9 @@ def test_export_shift_off_is_plain_model_and_on_is_training_engine(tmp_path, run
 
 def test_engine_cached_generation_equals_uncached_and_the_export(tmp_path, running_straight):
     """The ZeRO-3 engine (one process) decodes with its KV cache, each row shifted by its own
-    language at every step: each step's logits equal a full uncached forward of the same
-    sequence, the tokens equal the export's shifted HF generate, and EngineScorer gives the
-    same answers with and without the cache."""
+    language at every step: see `tests.engine_generation.check_record`."""
     run, _ = running_straight
-    rec = engine_generation(run, tmp_path)
-    assert rec["langs"] == LANGS
-    torch.testing.assert_close(rec["cached_logits"], rec["uncached_logits"], rtol=1e-4, atol=1e-4)
-    lm = ShiftedLM.from_export(run / "export")
-    ids, mask = lm._prompt_batch(rec["prompts"], None, left=True)
-    width = ids.shape[1]
-    export = lm.generate_ids(ids, mask, rec["langs"], max_new_tokens=GEN_STEPS)[:, width:]
-    assert torch.equal(export, rec["tokens"])
-    plain = lm.generate_ids(ids, mask, None, max_new_tokens=GEN_STEPS)[:, width:]
-    assert torch.equal(plain, rec["plain_tokens"])
-    # The shift is on in the engine's prefill: English rows are untouched, the others move.
-    first, unshifted = rec["cached_logits"][0], rec["plain_logits"][0]
-    assert torch.equal(first[0], unshifted[0])
-    assert not torch.allclose(first[1:], unshifted[1:], atol=1e-4)
-    scorer = rec["scorer"]
-    assert scorer["cached"] == scorer["uncached"] and any(any(v) for v in scorer["cached"].values())
-    assert scorer["forwards_cached"] == scorer["forwards_uncached"]
+    check_record(engine_generation(run, tmp_path), run / "export", LANGS)
 
 
 def test_generation_shifts_every_position(tiny):
