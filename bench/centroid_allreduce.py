@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from model.shifcon_math import LanguageStats, all_reduce_
+    from methods.shifcon.math import LanguageStats, all_reduce_
 
     counts = {name: 0 for name in COLLECTIVES}
     originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
@@ -121,7 +121,7 @@ def _step_times(reps: int, batch: int, length: int) -> list[float]:
     """Forward+backward+AdamW step of SmolLM2-135M on batch x length tokens (first dropped)."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.schema import ModelSection
+    from config.schema import ModelSection
     from model.backbone import resolve_backbone
 
     torch.set_num_threads(min(2, cores()))

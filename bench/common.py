@@ -55,8 +55,8 @@ def single_process_env() -> None:
 def open_bench_session(overrides: dict[str, Any] | None = None):
     """`open_session` on the validated bench recipe (vectors precomputed, no checkpoint)."""
     single_process_env()
+    from config.recipe import validate_recipe
     from launcher.loop import open_session
-    from launcher.recipe import validate_recipe
 
     tree = copy.deepcopy(BASE)
     for section, values in (overrides or {}).items():

@@ -42,8 +42,8 @@ def main() -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from launcher.loop import micro_batches
+    from methods.base import lm_loss
     from model.backbone import load_causal_lm, resolve_backbone
-    from model.methods import lm_loss
 
     session = open_bench_session(
         {

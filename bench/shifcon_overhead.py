@@ -53,10 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     threads = set_threads(args.threads)
 
-    import model.shifcon as shifcon_mod
+    import methods.shifcon.method as shifcon_mod
     from launcher.loop import micro_batches
-    from model.methods import SFT
-    from model.shifcon import pad_pairs
+    from methods.base import SFT
+    from methods.shifcon.method import pad_pairs
     from parallel.plan import arch_from_config
 
     session = open_bench_session(

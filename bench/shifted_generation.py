@@ -48,12 +48,12 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from config.schema import ModelSection
     from data.formatting import Batch
-    from launcher.schema import ModelSection
+    from methods.shifcon.infer import ShiftedLM
+    from methods.shifcon.math import LanguageStats
+    from methods.shifcon.method import ShifConHooks, capture_hidden
     from model.backbone import resolve_backbone
-    from model.shifcon import ShifConHooks, capture_hidden
-    from model.shifcon_infer import ShiftedLM
-    from model.shifcon_math import LanguageStats
 
     path = resolve_backbone(ModelSection()).path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -123,7 +123,7 @@ def main() -> None:
         print(w)
     # The shift's own cost, timed directly (immune to the noise above): both boundary shifts on
     # a decode step's hidden state [B, 1, D], set against the measured time per decode step.
-    from model.shifcon_math import shift_backward, shift_toward
+    from methods.shifcon.math import shift_backward, shift_toward
 
     h = torch.randn(len(langs), 1, model.config.hidden_size)
     vec = {layer: lm.hooks.vectors[layer] for layer in band}

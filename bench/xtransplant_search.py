@@ -51,9 +51,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.schema import ModelSection
+    from config.schema import ModelSection
+    from launcher.xtransplant_config import Instance
+    from launcher.xtransplant_worker import PairSearchWorker, Unit
     from model.backbone import resolve_backbone
-    from model.xtransplant import Instance, PairSearchWorker, Unit
 
     path = resolve_backbone(ModelSection()).path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

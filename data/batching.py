@@ -10,7 +10,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.errors import UserError
+from config.errors import UserError
 
 # Sort by length inside windows of this many global batches: most of bucketing's padding gain,
 # while batches still mix lengths, languages and tasks across an epoch.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from launcher.errors import UserError
+from config.errors import UserError
 
 IGNORE_INDEX = -100
 

@@ -6,8 +6,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from config.errors import UserError
 from data.sources import load_rows
-from launcher.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+from config.errors import UserError
+from config.schema import DataSection, DataSource
 from data.formatting import Example, encode_example
 from data.sources import LoadReport, load_rows
-from launcher.errors import UserError
-from launcher.schema import DataSection, DataSource
 
 
 @dataclass

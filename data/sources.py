@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+from config.errors import UserError
 from data.polyglot import build_polyglot
-from launcher.errors import UserError
 
 CANONICAL_FIELDS: tuple[str, ...] = ("lang", "instruction", "response", "id")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")

@@ -5,7 +5,7 @@ pooled hidden states), so the same task code runs on an exported Hugging Face mo
 (:class:`eval.scorer.HFScorer`) and on a training engine's partitioned model
 (:class:`eval.engine.EngineScorer`, run after training by a recipe's ``eval:`` section).
 
-CLI: ``python -m eval.run --model DIR --tasks xcopa,mgsm,bitext,ppl --languages sw,zh``.
+CLI: ``python -m launcher.evaluate --model DIR --tasks xcopa,mgsm,bitext,ppl --languages sw,zh``.
 """
 
 from eval.answers import extract_number, numbers_match

@@ -22,7 +22,7 @@ generation (MGSM) the engine's KV cache (``prefill`` then ``decode``). Hidden st
 method's forward with ``output_hidden_states=True``; an engine whose forward does not return
 hidden states (e.g. a pipeline stage that only holds some layers) raises
 :class:`EngineUnsupported`, and ``run_benchmarks`` then skips bitext with a note pointing at
-``python -m eval.run`` on the export.
+``python -m launcher.evaluate`` on the export.
 """
 
 from __future__ import annotations
@@ -266,12 +266,12 @@ class EngineScorer(TextEncoder):
         except TypeError as exc:  # a forward without an output_hidden_states argument
             raise EngineUnsupported(
                 f"{type(self.engine).__name__}: hidden states unavailable ({exc}); evaluate "
-                "bitext on the export (python -m eval.run --model RUN/export)"
+                "bitext on the export (python -m launcher.evaluate --model RUN/export)"
             ) from None
         if not states:
             raise EngineUnsupported(
                 f"{type(self.engine).__name__}: its forward module returns no hidden states; "
-                "evaluate bitext on the export (python -m eval.run --model RUN/export)"
+                "evaluate bitext on the export (python -m launcher.evaluate --model RUN/export)"
             )
         return states
 
@@ -303,9 +303,9 @@ def backbone_limits(recipe: Any) -> tuple[set[int], int]:
 def check_benchmarks(session: Any) -> None:
     """Read every benchmark file of the ``eval:`` section before training starts, so a missing
     folder or a malformed row (``file:line``) stops the run now, not after training."""
+    from config.errors import UserError
     from eval.benchmarks import BenchmarkError
-    from eval.run import check_data, load_task_data, with_languages
-    from launcher.errors import UserError
+    from eval.suite import check_data, load_task_data, with_languages
 
     section = session.recipe.eval
     if not section.enabled:
@@ -331,7 +331,7 @@ def run_benchmarks(session: Any, tracker: Any, step: int) -> dict[str, float] | 
     run's tracker. Returns the flat metrics (on every rank), or None when no task is set.
     """
     from eval.report import flat_metrics
-    from eval.run import evaluate, publish, with_languages
+    from eval.suite import evaluate, publish, with_languages
 
     recipe, ctx = session.recipe, session.ctx
     section = recipe.eval

@@ -356,7 +356,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from launcher.schema import ModelSection
+    from config.schema import ModelSection
     from model.backbone import load_tokenizer, resolve_backbone
 
     section = ModelSection(backbone=str(spec), attn_implementation=attn_implementation)  # type: ignore[arg-type]

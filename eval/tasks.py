@@ -23,7 +23,7 @@ import torch.distributed as dist
 from eval.answers import extract_number, numbers_match
 from eval.benchmarks import MgsmRow, ParallelPair, XcopaRow
 from eval.scorer import Scorer, speaking
-from model.subspace import bitext_retrieval_accuracy
+from methods.subspace import bitext_retrieval_accuracy
 
 T = TypeVar("T")
 

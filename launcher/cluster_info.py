@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.errors import UserError
-from launcher.recipe import load_recipe
+from config.errors import UserError
+from config.recipe import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:

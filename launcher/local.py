@@ -11,8 +11,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from launcher.errors import WorkersFailed
-from launcher.schema import Recipe
+from config.errors import WorkersFailed
+from config.schema import Recipe
 from parallel.distributed import free_port
 
 

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config.recipe import dump_recipe
+from config.schema import Recipe
 from data.batching import DataPosition, GlobalBatchStream, rank_micro_batches
 from data.formatting import Batch, Example, collate, num_label_tokens
 from data.pipeline import RunData, build_run_data
 from eval.engine import check_benchmarks, run_benchmarks
 from launcher.checkpoints import CheckpointStore, step_tag
-from launcher.recipe import dump_recipe
-from launcher.schema import Recipe
 from launcher.tracking import Tracker, flatten
 from launcher.universal import plan_resume
+from methods.registry import build_method
 from model.backbone import load_tokenizer, resolve_backbone
-from model.methods import build_method
 from parallel.distributed import (
     DistContext,
     all_reduce_sum_,

@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.errors import UserError, WorkersFailed
-from launcher.recipe import dump_recipe, load_recipe
-from launcher.schema import ClusterSection, Recipe
+from config.errors import UserError, WorkersFailed
+from config.recipe import dump_recipe, load_recipe
+from config.schema import ClusterSection, Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint

@@ -10,9 +10,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.errors import UserError, WorkersFailed
-from launcher.recipe import RecipeError, dump_recipe, load_recipe
-from launcher.schema import Recipe
+from config.errors import UserError, WorkersFailed
+from config.recipe import RecipeError, dump_recipe, load_recipe
+from config.schema import Recipe
 
 
 def preflight(recipe: Recipe) -> None:

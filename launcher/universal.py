@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from config.schema import Recipe
 from launcher.checkpoints import COMPLETE
-from launcher.schema import Recipe
 from parallel.distributed import DistContext, barrier
 
 UNIVERSAL_TAG = "universal"

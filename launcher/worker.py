@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from launcher.errors import UserError
+from config.errors import UserError
+from config.recipe import load_recipe
 from launcher.loop import run_training
-from launcher.recipe import load_recipe
 
 
 def main(run_dir: str) -> int:

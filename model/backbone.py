@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from launcher.errors import UserError
-from launcher.schema import ModelSection
+from config.errors import UserError
+from config.schema import ModelSection
 
 # name -> (python package that ships the file, file name inside the package)
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from config.schema import Recipe
 from data.formatting import Batch
-from launcher.schema import Recipe
+from methods.base import Method
 from model.backbone import ResolvedBackbone, load_causal_lm
-from model.methods import Method
 from parallel.distributed import DistContext, all_reduce_sum_
 from parallel.ds_config import build_deepspeed_config, resolve_precision
 from parallel.engine import Engine, StepResult

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from launcher.schema import Recipe
+from config.schema import Recipe
 from parallel.distributed import Device
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from data.formatting import Batch, Example
+from methods.base import Method
 from model.losses import per_sample_lm_loss
-from model.methods import Method
 from parallel.distributed import DistContext
 
 

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from config.errors import UserError
+from config.schema import Recipe
 from data.formatting import Batch, Example
-from launcher.errors import UserError
-from launcher.schema import Recipe
+from methods.base import Method, lm_loss
 from model.backbone import ResolvedBackbone
-from model.methods import Method, lm_loss
 from parallel import megatron_cpu
 from parallel.distributed import DistContext
 from parallel.ds_config import resolve_precision
@@ -184,7 +184,7 @@ class MegatronEngine(Engine):
         if method.name == "shifcon":
             from megatron.core import parallel_state as ps
 
-            from model.shifcon_megatron import ShifConStage
+            from methods.shifcon.megatron import ShifConStage
 
             try:
                 return ShifConStage(
@@ -473,7 +473,7 @@ class MegatronEngine(Engine):
         checkpoints, exports and metrics read."""
         from megatron.core import parallel_state as ps
 
-        from model.shifcon_megatron import merge_stage_stats
+        from methods.shifcon.megatron import merge_stage_stats
 
         mine = self.stage.stats.state_dict() if self.stage.stats is not None else None
         parts: list[Any] = [None] * self.pp

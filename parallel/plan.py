@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
     args = parser.parse_args(argv)
 
-    from launcher.recipe import load_recipe
+    from config.recipe import load_recipe
     from parallel.ds_config import build_deepspeed_config
 
     recipe = load_recipe(args.recipe)

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from parallel.distributed import free_port
-from tests.tiny import make_tiny_llama
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.tiny import make_tiny_llama
 
 # Tiny models run fastest on one thread, and the suite's processes share 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -90,62 +87,3 @@ def _restore_environment():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
-
-
-def tiny_recipe(model_dir: Path, out: Path, **sections) -> dict:
-    """A recipe dict for a few fast steps of the tiny model on the built-in data."""
-    recipe = {
-        "name": "tiny",
-        "output_dir": str(out / "runs"),
-        "model": {"backbone": str(model_dir)},
-        "data": {
-            "train": [{"path": "builtin:polyglot?items=40&seed=0"}],
-            "languages": ["en", "fr", "sw"],
-            "max_length": 160,
-            "eval_samples_per_language": 4,
-        },
-        "training": {
-            "steps": 4,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "lr": 1e-3,
-            "schedule": "constant",
-            "eval_batch_size": 4,
-        },
-        "tracking": {"enabled": False},
-        "checkpoint": {"every": 0, "keep_last": 2},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
-            recipe[section] = {**recipe[section], **values}
-        else:
-            recipe[section] = values
-    return recipe
-
-
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-# Set by in-process distributed tests; a fresh job must not inherit them (it would think it is
-# already one worker of a group).
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-
-
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300):
-    """`python launcher/run.py ...` in a fresh interpreter, as a user would run it."""
-    full_env = {**clean_env(), **(env or {})}
-    full_env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launcher" / "run.py"), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

@@ -1,0 +1,415 @@
+"""The one recipe schema: every option has a type, a default and a validation error.
+
+A recipe is YAML read into `Recipe`. Unknown keys are errors (``extra="forbid"``) so that a typo
+never silently falls back to a default on a 70B run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    backbone: str = Field(
+        EMBEDDED_SMOLLM2,
+        description="A local Hugging Face directory, a hub id (from the local cache when "
+        "offline), a .gguf file, or an embedded model name.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside `backbone` (a directory).")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    chat_template: str | None = Field(
+        None, description="Jinja chat template that replaces the tokenizer's own."
+    )
+
+
+class DataSource(Section):
+    path: str = Field(
+        description="JSON Lines file or folder, builtin:polyglot, or a datasets source."
+    )
+    language: str | None = Field(None, description="Language of every row without a `lang` field.")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Canonical name -> source field name."
+    )
+    split: str = "train"
+    limit: PositiveInt | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"id", "lang", "instruction", "response"})
+        if unknown:
+            raise ValueError(
+                f"unknown canonical field(s) {unknown}; expected id, lang, instruction, response"
+            )
+        return value
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(path="builtin:polyglot")], min_length=1
+    )
+    eval: list[DataSource] = Field(
+        default_factory=list,
+        description="Held-out sources; when empty, `eval_fraction` of the train ids is held out.",
+    )
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    eval_samples_per_language: PositiveInt = 32
+    languages: list[str] | None = Field(
+        None, description="Keep only these languages (all languages of the data when unset)."
+    )
+    dominant_language: str = "en"
+    max_length: PositiveInt = 256
+    on_bad_row: Literal["error", "skip"] = "error"
+    batching: Literal["bucket", "random"] = Field(
+        "bucket", description="bucket: length-bucketed global batches (less padding)."
+    )
+    system_prompt: str | None = None
+
+
+class SFTMethod(Section):
+    """Plain supervised fine-tuning: the baseline every method is compared against."""
+
+    name: Literal["sft"] = "sft"
+
+
+class PairSource(Section):
+    path: str = Field(
+        "train",
+        description="train: parallel pairs from the training rows (same id, dominant vs other "
+        "language); else a JSONL file/folder of {lang, en, target} rows (e.g. the shared data).",
+    )
+    limit_per_language: PositiveInt | None = None
+    max_length: PositiveInt = 128
+
+
+class ShifConMethod(Section):
+    """ShifCon: shift non-dominant languages into the dominant subspace for layers [f, b)."""
+
+    name: Literal["shifcon"]
+    band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
+        description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
+        "auto: chosen by the layer probe (model/probe.py) on the training data before training."
+    )
+    probe_samples: PositiveInt = Field(
+        32, description="band: auto: samples (and parallel pairs) per language for the probe."
+    )
+    probe_tolerance: NonNegativeFloat = Field(
+        0.1, description="band: auto: relative tolerance over the minimum mean distance."
+    )
+    vector_mode: Literal["precompute", "running"] = "precompute"
+    vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
+    alpha: NonNegativeFloat = 0.5
+    beta: NonNegativeFloat = 2.0
+    tau: PositiveFloat = 1.0
+    mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
+    pairs: PairSource = Field(default_factory=PairSource)
+
+    @field_validator("band")
+    @classmethod
+    def _ordered(cls, band: tuple[int, int] | str) -> tuple[int, int] | str:
+        if band != "auto" and band[0] >= band[1]:
+            raise ValueError(f"need f < b, got f={band[0]}, b={band[1]}")
+        return band
+
+
+class LensPrompts(Section):
+    path: str = Field(
+        "train",
+        description="train: parallel prompts from the training rows (same id); else a JSONL "
+        "file/folder of {lang, en, target} rows (e.g. the shared parallel data).",
+    )
+    count: PositiveInt = Field(200, description="Parallel prompt items, split over languages.")
+    max_length: PositiveInt = 128
+    batch_size: int = Field(8, ge=1, description="Parallel prompt items per micro-batch.")
+
+
+class LensMethod(Section):
+    """Lens: edit the top k layers so target languages move toward English along the
+    language-agnostic direction and apart in the language-specific subspace; English kept."""
+
+    name: Literal["lens"]
+    top_k: PositiveInt = Field(2, description="Only the top k decoder layers train.")
+    retain: NonNegativeFloat = Field(1.0, description="Weight of the English-retention MSE.")
+    pull: NonNegativeFloat = Field(1.0, description="Weight of the agnostic-space pull MSE.")
+    push_scale: float = Field(1.0, description="w: target push along delta_X (specific space).")
+    lm_weight: NonNegativeFloat = Field(0.0, description="Optional LM loss on the batch.")
+    languages: list[str] | None = Field(
+        None, description="Target languages (default: every non-dominant run language)."
+    )
+    prompts: LensPrompts = Field(default_factory=LensPrompts)
+
+
+MethodSection = Annotated[SFTMethod | ShifConMethod | LensMethod, Field(discriminator="name")]
+METHOD_NAMES = ("sft", "shifcon", "lens")
+
+
+class TrainingSection(Section):
+    steps: PositiveInt = 100
+    global_batch_size: PositiveInt = 8
+    micro_batch_size: PositiveInt = 1
+    lr: PositiveFloat = 2e-5
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: NonNegativeInt = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: NonNegativeFloat = 1.0
+    eval_every: NonNegativeInt = Field(0, description="0: evaluate only before and after.")
+    eval_batch_size: PositiveInt = 8
+    log_every: PositiveInt = 1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingSection:
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) is larger than steps ({self.steps})"
+            )
+        return self
+
+
+class ParallelSection(Section):
+    engine: Literal["deepspeed", "megatron"] = Field(
+        "deepspeed",
+        description="deepspeed: ZeRO data parallelism; megatron: megatron-core tensor/pipeline "
+        "parallelism (data, method and tracking sections are the same).",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="deepspeed only.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+    tensor_parallel: PositiveInt = Field(1, description="megatron: TP size (within a node).")
+    pipeline_parallel: PositiveInt = Field(1, description="megatron: pipeline stages.")
+    sequence_parallel: bool = Field(
+        False, description="megatron, TP > 1, GPU: shard norms/activations along the sequence."
+    )
+    distributed_optimizer: bool = Field(
+        False, description="megatron, GPU: shard the optimizer state over data-parallel ranks."
+    )
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config merged over the generated one (last word).",
+    )
+
+
+class ClusterSection(Section):
+    nodes: PositiveInt = 1
+    workers_per_node: PositiveInt = 1
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegativeFloat = 1.0
+    max_failures: NonNegativeInt = 0
+    launcher: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="Who starts the workers. auto: Ray Train when a Ray cluster is known "
+        "(RAY_ADDRESS, or inside a Ray job), else the local elastic agent (or this process); "
+        "local: never Ray; ray: always Ray (a local Ray instance when no address is known).",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement-group strategy for the worker bundles (PACK fills a node's "
+        "GPUs before the next node, which keeps ranks of a node contiguous).",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+class TrackingSection(Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="MLflow server or store; default: MLFLOW_TRACKING_URI, else ./mlflow.db"
+    )
+    experiment: str = "polyshift"
+    run_name: str | None = None
+    registered_model_name: str | None = None
+    log_system_metrics: bool = True
+    log_model: bool = True
+
+
+class CheckpointSection(Section):
+    every: NonNegativeInt = Field(0, description="0: only at the end of training.")
+    keep_last: PositiveInt = 2
+    resume: bool = Field(True, description="Resume from the newest checkpoint of the run dir.")
+    export: bool = True
+
+
+EVAL_TASKS = ("xcopa", "mgsm", "bitext", "ppl")
+EvalTask = Literal["xcopa", "mgsm", "bitext", "ppl"]
+
+
+class EvalSection(Section):
+    """Benchmarks (DESIGN.md "Evaluation formats") run on the training engine after training;
+    also the options of ``python -m launcher.evaluate``, so a recipe and the CLI share one definition.
+    No tasks (the default): nothing runs."""
+
+    tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description="xcopa (log-likelihood multiple choice), mgsm (generation, numeric answer), "
+        "bitext (retrieval per layer), ppl (perplexity); empty: no evaluation.",
+    )
+    languages: list[str] | None = Field(
+        None, min_length=1, description="Benchmark languages; default: the run's languages."
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Shared data folder; default: $POLYSHIFT_SHARED_DATA, else ../shared/data.",
+    )
+    files: dict[EvalTask, str] = Field(
+        default_factory=dict,
+        description="Per task, a path pattern with {lang} replacing the data_dir layout, e.g. "
+        "mgsm: ../shared/data/mgsm/{lang}.jsonl.",
+    )
+    limit: PositiveInt | None = Field(None, description="First N rows per language and task.")
+    batch_size: PositiveInt = 8
+    max_new_tokens: PositiveInt = Field(256, description="mgsm: greedy tokens per answer.")
+    max_length: PositiveInt | None = Field(
+        None, description="Longest scored sequence (cut on the left); default: the model's."
+    )
+    mgsm_template: str = Field("{question}", description="mgsm prompt; must hold {question}.")
+    chat: bool = Field(True, description="Chat-format generation prompts (the training format).")
+    system_prompt: str | None = Field(
+        None, description="Generation system prompt; after training: data.system_prompt if unset."
+    )
+    shift: bool = Field(True, description="ShifCon: score with the per-language shift on.")
+    pivot: str = Field("en", description="bitext/ppl: the language parallel texts pair with.")
+
+    @field_validator("files")
+    @classmethod
+    def _lang_pattern(cls, value: dict[str, str]) -> dict[str, str]:
+        for task, pattern in value.items():
+            if "{lang}" not in pattern:
+                raise ValueError(f"{task}: {pattern!r} must contain {{lang}}")
+        return value
+
+    @field_validator("mgsm_template")
+    @classmethod
+    def _has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("must contain {question}")
+        try:
+            value.format(question="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("only {question} may be a placeholder (double other braces)") from None
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Recipe(Section):
+    name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = "runs"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    method: MethodSection = Field(default_factory=SFTMethod)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME.match(value.replace("{method}", "m")):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory)")
+        return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, value: Any) -> Any:
+        """`method: sft` (or `--set method=sft`) means a method with its defaults."""
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _expand_name(self) -> Recipe:
+        """`{method}` in the name gives each method its own run dir (and MLflow run name)."""
+        if "{method}" in self.name:
+            self.name = self.name.replace("{method}", self.method.name)
+        return self
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.cluster.world_size // (
+            self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size)
+
+    @model_validator(mode="after")
+    def _layout_and_batch(self) -> Recipe:
+        world = self.cluster.world_size
+        model_parallel = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        if world % model_parallel:
+            raise ValueError(
+                f"parallel: tensor_parallel x pipeline_parallel = {model_parallel} does not "
+                f"divide the world size {world} (cluster.nodes x cluster.workers_per_node)"
+            )
+        if self.parallel.engine == "deepspeed" and model_parallel > 1:
+            raise ValueError(
+                "parallel.tensor_parallel/pipeline_parallel: the deepspeed engine is data-parallel"
+                " (ZeRO); tensor or pipeline parallelism needs parallel.engine: megatron"
+            )
+        if self.parallel.engine == "megatron":
+            if self.method.name == "lens":
+                raise ValueError(
+                    "method.name: lens runs on the deepspeed engine only (parallel.engine)"
+                )
+            if self.method.name == "shifcon" and self.method.band == "auto":
+                raise ValueError(
+                    "method.band: auto needs the deepspeed engine; pick the band with "
+                    "`python -m launcher.probe` and write it into the recipe"
+                )
+            if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
+                raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")
+        t, dp = self.training, self.data_parallel_size
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"training.global_batch_size: {t.global_batch_size} is not divisible by "
+                f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
+                f"= {t.micro_batch_size * dp}"
+            )
+        if (
+            self.data.languages is not None
+            and self.data.dominant_language not in self.data.languages
+        ):
+            raise ValueError(
+                f"data.dominant_language: {self.data.dominant_language!r} is not in "
+                f"data.languages {self.data.languages}"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""ShifCon: shift toward the dominant language for a band of layers, plus multilingual contrastive learning."""

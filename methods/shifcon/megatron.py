@@ -1,0 +1,304 @@
+"""ShifCon inside megatron-core's partitioned decoder: layers that shift, capture and contrast.
+
+The math is `model/shifcon_math.py`, shared with the Hugging Face path; this file decides where
+it runs when the decoder is split into tensor- and pipeline-parallel stages.
+
+- Layers f..b are built as `ShifConLayer` through the layer spec (`layer_class_for`), on
+  whichever stage owns them. Every row of a micro-batch carries (role, language, length,
+  micro-batch index) in the block's ``context`` input: megatron's TransformerBlock hands that
+  tensor to every layer and into activation recomputation, and GPT layer specs have no
+  cross-attention that would read it. The shift is therefore a pure function of the layer's
+  inputs, and recomputation sees the same shift.
+- The contrastive pairs ride in the same micro-batch as the LM rows (role anchor/target), so
+  the standard pipeline schedules run unchanged. Pair rows are never shifted and leave the
+  batch after layer b-1 (after b in running mode): layers above the band do no work for them,
+  and stages exchange the smaller activation (variable_seq_lengths).
+- On each stage that owns band layers l in [f, b), the per-layer InfoNCE is attached to the
+  layer output as an auxiliary loss (`AttachAuxLoss`, the pattern megatron-core uses for MoE
+  load balancing): it enters that stage's backward pass with no change to the schedule.
+- A stage keeps language statistics only for its own layers. Sums are reduced over the
+  data-parallel group; under sequence parallelism the rows are first gathered over the TP
+  group, so TP ranks hold the same full-sequence statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch import Tensor
+
+from data.formatting import Batch, Example, collate
+from methods.shifcon.math import LanguageStats, mcl_loss, shift_backward, shift_toward
+from methods.shifcon.method import ShifCon, pad_pairs
+
+ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE = 0, 1, 2, 3
+PAIR_ROLES = (ROLE_ANCHOR, ROLE_TARGET)
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on `hidden`; in backward, `aux` receives gradient 1 (it is already scaled)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, aux: Tensor) -> Tensor:
+        ctx.save_for_backward(aux)
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+class ShifConLayer(TransformerLayer):
+    """A megatron TransformerLayer followed by this stage's ShifCon work for its layer number."""
+
+    shifcon: ShifConStage | None = None
+
+    def forward(self, *args, **kwargs):
+        hidden, context = super().forward(*args, **kwargs)
+        if self.shifcon is None or context is None:
+            return hidden, context
+        return self.shifcon.after_layer(self.layer_number, hidden, context)
+
+
+def row_context(role: int, langs: Tensor, lengths: Tensor, micro: int) -> Tensor:
+    """``[rows, 4]`` long: (role, language id, content length, micro-batch index)."""
+    n = langs.shape[0]
+    columns = [torch.full((n,), role), langs.cpu(), lengths.cpu(), torch.full((n,), micro)]
+    return torch.stack([c.long() for c in columns], dim=1)
+
+
+def _pad_to(t: Tensor, width: int, value: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+class ShifConStage:
+    """One pipeline stage's share of ShifCon: its layers' vectors, contrast and statistics."""
+
+    def __init__(
+        self,
+        method: ShifCon,
+        layers: range,
+        *,
+        hidden_size: int,
+        dp_group,
+        sequence_parallel: bool,
+        device: torch.device,
+    ) -> None:
+        if method.band is None:
+            raise ValueError("method.band: auto is not available on the megatron engine yet")
+        self.method = method
+        self.f, self.b = method.band
+        self.stage_layers = layers
+        self.own = [layer for layer in method.layers if layer in layers]
+        self.drop_after = method.capture_depth()
+        self.hidden_size = hidden_size
+        self.dp_group = dp_group
+        self.sequence_parallel = sequence_parallel
+        self.device = device
+        self.stats: LanguageStats | None = None
+        self.delta: LanguageStats | None = None
+        self.micro_scale = 1.0
+        self.mcl_values: dict[tuple[int, int], float] = {}
+        self._counted: set[tuple[int, int]] = set()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def layer_class_for(self, number: int) -> type | None:
+        return ShifConLayer if number in self.method.layers else None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, ShifConLayer):
+                module.shifcon = self
+
+    @property
+    def lm_weight(self) -> float:
+        return self.method.cfg.alpha
+
+    def rows_reaching_stage(self, context: Tensor) -> Tensor:
+        """Pair rows have left the batch before a stage that starts above the drop layer."""
+        if self.stage_layers.start > self.drop_after:
+            return context[~_is_pair(context[:, 0])]
+        return context
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def lm_rows(self, batch: Batch, micro: int) -> Tensor:
+        return row_context(ROLE_LM, batch.lang_ids, batch.attention_mask.sum(1), micro)
+
+    def with_pairs(self, batch: Batch, micro: int, dp_rank: int, dp_size: int):
+        """LM rows then 2n contrastive rows (n English, n targets), right-padded together."""
+        m = self.method
+        pairs = m.next_pairs(dp_rank, dp_size)
+        pair_batch, pair_langs = pad_pairs(
+            pairs, m.tokenizer, m.cfg.pairs.max_length, m.lang_index, m.dominant
+        )
+        n = len(pairs)
+        width = max(batch.input_ids.shape[1], pair_batch.input_ids.shape[1])
+        pad = m.tokenizer.pad_token_id
+        ids = torch.cat(
+            [_pad_to(batch.input_ids, width, pad), _pad_to(pair_batch.input_ids, width, pad)]
+        )
+        lengths = pair_batch.attention_mask.sum(1)
+        context = torch.cat(
+            [
+                self.lm_rows(batch, micro),
+                row_context(ROLE_ANCHOR, pair_langs[:n], lengths[:n], micro),
+                row_context(ROLE_TARGET, pair_langs[n:], lengths[n:], micro),
+            ]
+        )
+        return ids, context
+
+    # -- the layer hook ---------------------------------------------------------------------
+
+    def after_layer(self, number: int, hidden: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden ``[s, rows, h]`` (``[s/tp, rows, h]`` under sequence parallelism)."""
+        roles, langs = context[:, 0], context[:, 1]
+        if number in self.own:
+            self._statistics(number, hidden, context)
+        if self.f <= number < self.b and bool((roles == ROLE_ANCHOR).any()):
+            hidden = self._contrast(number, hidden, context)
+        if number in (self.f, self.b) and bool((roles == ROLE_LM).any()):
+            ids = torch.where(roles == ROLE_LM, langs, torch.full_like(langs, self.method.dominant))
+            hidden = self._shift(number, hidden, ids)
+        if number == self.drop_after and bool(_is_pair(roles).any()):
+            keep = ~_is_pair(roles)
+            hidden = hidden[:, keep].contiguous()
+            context = context[keep]
+        return hidden, context
+
+    def _shift(self, number: int, hidden: Tensor, lang_ids: Tensor) -> Tensor:
+        shift = shift_toward if number == self.f else shift_backward
+        vectors = self.stats.layer_means(number).float().to(hidden.device)
+        shifted = shift(hidden.transpose(0, 1), lang_ids, vectors, self.method.dominant)
+        return shifted.transpose(0, 1).contiguous()
+
+    def _full_rows(self, hidden: Tensor, rows: Tensor) -> Tensor:
+        """``[n, s, h]`` of the chosen rows, the whole sequence even under sequence parallelism."""
+        picked = hidden[:, rows]
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            picked = gather_from_sequence_parallel_region(picked)
+        return picked.transpose(0, 1)
+
+    def _statistics(self, number: int, hidden: Tensor, context: Tensor) -> None:
+        roles = context[:, 0]
+        probe = roles == ROLE_PROBE
+        running = self.method.cfg.vector_mode == "running" and torch.is_grad_enabled()
+        if bool(probe.any()):
+            target, rows = self.stats, probe
+        elif running and bool(_is_pair(roles).any()):
+            key = (int(context[0, 3]), number)
+            if key in self._counted:  # activation recomputation runs the layer again
+                return
+            self._counted.add(key)
+            target, rows = self.delta, _is_pair(roles)
+        else:
+            return
+        with torch.no_grad():
+            h = self._full_rows(hidden.detach(), rows)
+            langs = torch.where(
+                roles[rows] == ROLE_ANCHOR,
+                torch.full_like(context[rows, 1], self.method.dominant),
+                context[rows, 1],
+            )
+            target.update(number, h, _content_mask(context[rows, 2], h.shape[1]), langs)
+
+    def _contrast(self, number: int, hidden: Tensor, context: Tensor) -> Tensor:
+        roles = context[:, 0]
+        anchors, targets = roles == ROLE_ANCHOR, roles == ROLE_TARGET
+        h_en, h_x = self._full_rows(hidden, anchors), self._full_rows(hidden, targets)
+        means = self.stats.means()
+        pos = self.stats.layer_index(number)
+        loss, _ = mcl_loss(
+            [h_en],
+            [h_x],
+            _content_mask(context[anchors, 2], h_en.shape[1]),
+            _content_mask(context[targets, 2], h_x.shape[1]),
+            context[targets, 1],
+            means[self.method.dominant, pos : pos + 1].float(),
+            means[:, pos : pos + 1].float(),
+            tau=self.method.cfg.tau,
+        )
+        self.mcl_values[(int(context[0, 3]), number)] = float(loss.detach())
+        if not torch.is_grad_enabled():
+            return hidden
+        scale = self.method.cfg.beta / (self.b - self.f) * self.micro_scale
+        return AttachAuxLoss.apply(hidden, loss * scale)
+
+    # -- vectors ----------------------------------------------------------------------------
+
+    def empty_stats(self) -> LanguageStats | None:
+        if not self.own:
+            return None
+        return LanguageStats.zeros(
+            self.method.languages, self.own, self.hidden_size, device=self.device
+        )
+
+    def probe_rows(self, examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
+        batch = collate(examples, pad_id, self.method.languages)
+        lengths = batch.attention_mask.sum(1)
+        return batch.input_ids, row_context(ROLE_PROBE, batch.lang_ids, lengths, 0)
+
+    def begin_step(self, num_microbatches: int) -> None:
+        self.micro_scale = 1.0 / num_microbatches
+        self.mcl_values.clear()
+        self._counted.clear()
+        if self.method.cfg.vector_mode == "running" and self.stats is not None:
+            self.delta = self.stats.zeros_like()
+
+    def end_step(self) -> None:
+        """Running vectors: one fused all-reduce of this stage's step delta over DP."""
+        if self.delta is not None:
+            buffer = self.delta.flat()
+            if dist.is_initialized():
+                dist.all_reduce(buffer, group=self.dp_group)
+            self.delta.load_flat(buffer)
+            self.stats.add_(self.delta)
+            self.delta = None
+
+    def reduce_stats(self) -> None:
+        if self.stats is not None and dist.is_initialized():
+            buffer = self.stats.flat()
+            dist.all_reduce(buffer, group=self.dp_group)
+            self.stats.load_flat(buffer)
+
+    def take_stats(self, full: LanguageStats) -> None:
+        """This stage's rows of the full (every band layer) statistics."""
+        if not self.own:
+            self.stats = None
+            return
+        rows = [full.layer_index(layer) for layer in self.own]
+        self.stats = LanguageStats(
+            list(full.languages),
+            list(self.own),
+            full.sums[:, rows].to(self.device).clone(),
+            full.counts[:, rows].to(self.device).clone(),
+        )
+
+
+def merge_stage_stats(parts: Sequence[dict | None], languages: Sequence[str]) -> LanguageStats:
+    """The full statistics from every stage's `state_dict()` (None: a stage without band layers)."""
+    found = [LanguageStats.from_state_dict(p) for p in parts if p is not None]
+    layers = sorted({layer for s in found for layer in s.layers})
+    hidden = found[0].hidden_size
+    full = LanguageStats.zeros(languages, layers, hidden)
+    for s in found:
+        for layer in s.layers:
+            src, dst = s.layer_index(layer), full.layer_index(layer)
+            full.sums[:, dst] = s.sums[:, src]
+            full.counts[:, dst] = s.counts[:, src]
+    return full
+
+
+def _is_pair(roles: Tensor) -> Tensor:
+    return (roles == ROLE_ANCHOR) | (roles == ROLE_TARGET)
+
+
+def _content_mask(lengths: Tensor, width: int) -> Tensor:
+    return (torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
