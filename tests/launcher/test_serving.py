@@ -72,16 +72,15 @@ def test_logged_model_links_the_final_metrics(served):
     uri, _, _ = served
     client = MlflowClient(uri)
     version = client.get_model_version(NAME, "1")
-    model = client.get_logged_model(version.model_id)
+    run = client.get_run(version.run_id)
+    (output,) = run.outputs.model_outputs
+    assert version.source == f"models:/{output.model_id}" and output.step == STEPS
+    model = client.get_logged_model(output.model_id)
     keys = {m.key for m in model.metrics}
     assert {"train/loss", "eval/loss_mean", "eval/sw/loss"} <= keys
     assert {m.step for m in model.metrics} == {STEPS}
     # The run's final held-out loss, not the one before training.
-    run = client.get_run(version.run_id)
-    final = client.get_metric_history(run.info.run_id, "eval/loss_mean")
+    history = client.get_metric_history(run.info.run_id, "eval/loss_mean")
     linked = next(m for m in model.metrics if m.key == "eval/loss_mean")
-    assert linked.value == max(final, key=lambda m: m.step).value
-    assert (run.outputs.model_outputs[0].model_id, run.outputs.model_outputs[0].step) == (
-        version.model_id,
-        STEPS,
-    )
+    assert linked.value == max(history, key=lambda m: m.step).value
+    assert linked.value != min(history, key=lambda m: m.step).value
