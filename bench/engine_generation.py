@@ -47,6 +47,20 @@ def mgsm_questions(data_dir: Path, lang: str, n: int) -> list[str]:
     return [r["question"] for r in rows[:n]]
 
 
+def load_outside_zero3(engine, load):
+    """Load the export as a plain model: while the ZeRO-3 engine's HF DeepSpeed config is
+    registered, transformers would build it partitioned (inside zero.Init)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    kept = getattr(engine, "_hf_ds_config", None)
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        return load()
+    finally:
+        if kept is not None:
+            hf_ds.set_hf_deepspeed_config(kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -78,7 +92,7 @@ def main() -> None:
         raise SystemExit(f"--lang {args.lang}: the bench session has {languages}")
     export = Path(tempfile.mkdtemp(prefix="polyshift-bench-export-")) / "export"
     export_model(engine, tok, session.recipe, languages, export, engine.ctx)
-    lm = ShiftedLM.from_export(export)
+    lm = load_outside_zero3(engine, lambda: ShiftedLM.from_export(export))
     prompts = [chat_prompt_ids(tok, q, None) for q in questions]
     ids, mask = left_pad(prompts, tok.pad_token_id)
     n_new = args.new_tokens * len(prompts)

@@ -223,15 +223,18 @@ class EngineScorer(TextEncoder):
         batch = Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX), langs)
         self.forwards += 1
         logits, state = self.engine.prefill(batch, max_new_tokens)
-        running = list(range(len(seqs)))
-        for step in range(max_new_tokens):
-            picks = logits.argmax(dim=-1)
-            pick_list = picks.tolist()
-            running = self._append(running, [pick_list[i] for i in running], seqs, new)
-            if step + 1 == max_new_tokens or not _max_over_ranks(len(running)):
-                break
-            self.forwards += 1
-            logits = self.engine.decode(state, picks)  # finished rows ride along, ignored
+        try:
+            running = list(range(len(seqs)))
+            for step in range(max_new_tokens):
+                picks = logits.argmax(dim=-1)
+                pick_list = picks.tolist()
+                running = self._append(running, [pick_list[i] for i in running], seqs, new)
+                if step + 1 == max_new_tokens or not _max_over_ranks(len(running)):
+                    break
+                self.forwards += 1
+                logits = self.engine.decode(state, picks)  # finished rows ride along, ignored
+        finally:
+            self.engine.end_decode(state)
         return new
 
     @torch.no_grad()

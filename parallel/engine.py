@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class DecodeState:
     lang_ids: torch.Tensor
     cache: Any = None
     steps: int = 0  # decode steps run so far
+    held: ExitStack = field(default_factory=ExitStack)  # what the engine holds until the end
 
     def positions(self, width: int) -> torch.Tensor:
         """``[B, width]`` position ids of the last ``width`` slots (content tokens counted)."""
@@ -130,6 +132,11 @@ class Engine(ABC):
         """Feed one token per row (``[B]``) through the cache; next-token logits ``[B, V]``."""
         state.grow()
         return self._cached_forward(state, tokens.to(self.ctx.torch_device).view(-1, 1))
+
+    def end_decode(self, state: DecodeState) -> None:
+        """The decode is over: release what the engine held for it (every rank calls it)."""
+        state.held.close()
+        state.cache = None
 
     def _cached_forward(self, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
         module = self.forward_module

@@ -40,6 +40,7 @@ def _cached(engine: Any, ids: torch.Tensor, mask: torch.Tensor, langs: torch.Ten
         tokens.append(pick.to(logits.device))
         if step + 1 < STEPS:
             logits = engine.decode(state, tokens[-1])
+    engine.end_decode(state)
     return torch.stack(tokens, dim=1).cpu(), torch.stack(steps)
 
 
