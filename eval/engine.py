@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+<<<<<<< HEAD
 from data.formatting import IGNORE_INDEX, Batch
 from eval.scorer import (
     LoglikelihoodResult,
@@ -46,6 +47,10 @@ from eval.scorer import (
     mean_pool_layers,
     right_pad,
 )
+=======
+from data.formatting import IGNORE_INDEX, Batch, right_pad
+from eval.scorer import BatchedScorer, mean_pool_layers
+>>>>>>> main
 
 
 class EngineUnsupported(RuntimeError):
@@ -60,7 +65,7 @@ def _max_over_ranks(value: int) -> int:
     return int(tensor.item())
 
 
-class EngineScorer(TextEncoder):
+class EngineScorer(BatchedScorer):
     """:class:`Scorer` over a training engine (every rank constructs one and calls it alike).
 
     ``languages``: the run's language list (``Batch.lang_ids`` index it, dominant first).
@@ -136,38 +141,22 @@ class EngineScorer(TextEncoder):
 
     # -- Scorer --------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
-        encoded = [self.encode_request(context, cont) for context, cont in requests]
-        results: list[LoglikelihoodResult | None] = [None] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-        chunks = _batches(order, self.batch_size)
-        for r in range(_max_over_ranks(len(chunks))):
-            if r >= len(chunks):
-                self._logits(self._filler())
-                continue
-            batch, _ = self._batch([encoded[i][0][:-1] for i in chunks[r]])
-            logits = self._logits(batch)
-            for row, i in enumerate(chunks[r]):
-                full, n_cont = encoded[i]
-                results[i] = continuation_logprob(logits[row], full, n_cont)
-        return [r for r in results if r is not None]
+    def grad_mode(self) -> AbstractContextManager[Any]:
+        return torch.no_grad()
 
-    @torch.no_grad()
-    def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
-    ) -> list[str]:
-        """Greedy answers; ``stop`` cuts each text at the first stop string (post hoc)."""
-        encoded = [self.prompt_ids(p) for p in prompts]
-        texts: list[str] = [""] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        chunks = _batches(order, self.batch_size)
-        for r in range(_max_over_ranks(len(chunks))):
-            chunk = chunks[r] if r < len(chunks) else []
-            new = self.generate_ids([encoded[i] for i in chunk], max_new_tokens)
-            for row, i in enumerate(chunk):
-                texts[i] = cut_at_stop(self.decode(new[row]), stop)
-        return texts
+    def batch_rounds(self, order: Sequence[int]) -> list[list[int]]:
+        """This rank's batches, then empty (filler) rounds up to the most any rank has: the
+        count is agreed before the first forward, as forwards are collectives."""
+        chunks = super().batch_rounds(order)
+        return chunks + [[] for _ in range(_max_over_ranks(len(chunks)) - len(chunks))]
+
+    def row_logits(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self._logits(self._batch(seqs)[0] if seqs else self._filler())
+
+    def generate_rows(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        return self.generate_ids(prompts, max_new_tokens)
 
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int
@@ -242,18 +231,17 @@ class EngineScorer(TextEncoder):
         encoded = self.hidden_inputs(texts)
         pooled: list[torch.Tensor | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        chunks = _batches(order, self.batch_size)
         shape: tuple[int, int] | None = None
-        for r in range(_max_over_ranks(len(chunks))):
-            if r >= len(chunks):
+        for chunk in self.batch_rounds(order):
+            if not chunk:
                 states = self._forward_hidden(self._filler())
                 shape = (len(states), states[0].shape[-1])
                 continue
-            batch, mask = self._batch([encoded[i] for i in chunks[r]])
+            batch, mask = self._batch([encoded[i] for i in chunk])
             states = self._forward_hidden(batch)
             shape = (len(states), states[0].shape[-1])
             means = mean_pool_layers(states, mask)
-            for row, i in enumerate(chunks[r]):
+            for row, i in enumerate(chunk):
                 pooled[i] = means[row]
         if not encoded:
             if shape is None:  # nobody had texts: no forward ran, nothing to size from

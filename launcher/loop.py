@@ -279,7 +279,7 @@ def run_training(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         )
         if session.ctx.is_rank0 and run_id and known_run is None:
             run_info.write_text(json.dumps({"mlflow_run_id": run_id}))
-        method_tags = session.engine.method.run_tags()  # e.g. shifcon.band
+        method_tags = session.engine.method.run_tags()  # decisions taken at start-up
         tracker.log_params(method_tags)
         for key, value in method_tags.items():
             tracker.set_tag(key, value)

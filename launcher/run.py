@@ -16,7 +16,11 @@ from config.schema import Recipe
 
 
 def preflight(recipe: Recipe) -> None:
-    """Checks that need the filesystem, done before any work or run directory exists."""
+    """Checks that need the filesystem or the method registry, done before any work or run
+    directory exists."""
+    from methods.registry import backbone_errors, recipe_errors
+
+    _raise_first(recipe_errors(recipe))
     for section in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, section)):
             path = Path(source.path).expanduser()
@@ -33,18 +37,8 @@ def preflight(recipe: Recipe) -> None:
     layers = None  # known before any work only for a local backbone
     if config_file.is_file():
         layers = json.loads(config_file.read_text()).get("num_hidden_layers")
-    method = recipe.method
-    if isinstance(layers, int) and method.name == "shifcon" and method.band != "auto":
-        f, b = method.band
-        if not 1 <= f < b <= layers - 1:
-            raise RecipeError(
-                f"method.band: ({f}, {b}) does not fit the {layers}-layer backbone "
-                f"(need 1 <= f < b <= {layers - 1})"
-            )
-    if isinstance(layers, int) and method.name == "lens" and method.top_k >= layers:
-        raise RecipeError(
-            f"method.top_k: {method.top_k} must be below the backbone's {layers} layers"
-        )
+    if isinstance(layers, int):
+        _raise_first(backbone_errors(recipe.method, layers))
     looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
     if looks_local and not Path(backbone).expanduser().exists():
         raise RecipeError(f"model.backbone: {backbone} does not exist")
@@ -54,15 +48,20 @@ def preflight(recipe: Recipe) -> None:
             raise RecipeError("invalid layout\n  " + "\n  ".join(errors))
 
 
+def _raise_first(errors: list[str]) -> None:
+    if errors:
+        raise RecipeError(errors[0])
+
+
 def megatron_layout_errors(recipe: Recipe) -> list[str]:
     """TP/PP against the backbone's shape (its local config, else the known-architecture table;
     a hub id that is neither is checked when the engine reads its config)."""
+    from parallel.arch import UnknownArch, resolve_arch
     from parallel.megatron_model import layout_errors
-    from parallel.plan import resolve_arch
 
     try:
         arch = resolve_arch(recipe)
-    except SystemExit:
+    except UnknownArch:
         return []
     p = recipe.parallel
     return layout_errors(

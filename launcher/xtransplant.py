@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from eval.report import pyplot, save_figure
 from launcher.xtransplant_config import XTransplantConfig, build_instances
 from launcher.xtransplant_search import LanguageResult, search
 from methods.xtransplant import SITES
@@ -33,10 +34,7 @@ from methods.xtransplant import SITES
 
 def heatmap(result: LanguageResult, path: str | Path, title: str = "") -> Path:
     """Accuracy per (source, target) pair: dev (and test) panels, the chosen pair starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("dev", result.dev_grid)] + ([("test", result.test_grid)] if result.test_grid else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
@@ -51,12 +49,7 @@ def heatmap(result: LanguageResult, path: str | Path, title: str = "") -> Path:
         ax.set_title(f"{title}{result.lang} {name} (no transplant {baseline:.2f})", fontsize=8)
         ax.plot(result.targets.index(j), result.sources.index(i), marker="*", color="red", ms=12)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_table(results: Mapping[str, LanguageResult]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from data.formatting import right_pad
 from launcher.xtransplant_config import Instance
 from methods.xtransplant import Site, record_outputs, transplant
 from model.layers import decoder_layers
@@ -89,7 +90,6 @@ class PairSearchWorker:
 
     def record(self, instances: Sequence[Instance]) -> torch.Tensor:
         """``[N, L, D]`` site outputs at each aux prompt's last token (batched, right-padded)."""
-        from eval.scorer import right_pad
 
         out: list[torch.Tensor] = []
         size = self.scorer.batch_size
@@ -154,7 +154,7 @@ class PairSearchWorker:
         self, inst: Instance, target: int | None, vectors: torch.Tensor | None
     ) -> torch.Tensor:
         """``[B, C]`` log-likelihood of each choice for each of the B transplant rows."""
-        from eval.scorer import continuation_logprob, right_pad
+        from eval.scorer import continuation_logprob
 
         copies = 1 if vectors is None else vectors.shape[0]
         ctx = self.scorer.encode_text(inst.main)

@@ -52,8 +52,21 @@ def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _rows(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device)
+def take_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, D]``: row b of ``hidden [B, T, D]`` at its position ``positions[b]`` (a copy)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, positions.to(hidden.device)].detach().clone()
+
+
+def put_positions(
+    hidden: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor
+) -> torch.Tensor:
+    """``hidden [B, T, D]`` with row b's position ``positions[b]`` replaced by ``vectors[b]``
+    (a new tensor; everything else unchanged)."""
+    new = hidden.clone()
+    rows = torch.arange(new.shape[0], device=new.device)
+    new[rows, positions.to(new.device)] = vectors.to(device=new.device, dtype=new.dtype)
+    return new
 
 
 @torch.inference_mode()
@@ -71,9 +84,7 @@ def record_outputs(
 
     def make_hook(index: int):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            hidden = _hidden(output)
-            pos = positions.to(hidden.device)
-            captured[index] = hidden[_rows(hidden.shape[0], hidden.device), pos].detach().clone()
+            captured[index] = take_positions(_hidden(output), positions)
 
         return hook
 
@@ -139,10 +150,7 @@ def transplant(
             )
         armed = False
         handle.applied += 1
-        new = hidden.clone()
-        rows = _rows(new.shape[0], new.device)
-        new[rows, positions.to(new.device)] = vectors.to(device=new.device, dtype=new.dtype)
-        return _with_hidden(output, new)
+        return _with_hidden(output, put_positions(hidden, positions, vectors))
 
     registered = module.register_forward_hook(hook)
     try:

@@ -90,7 +90,7 @@ class Engine(ABC):
     @torch.no_grad()
     def hidden_states(self, batch: Batch) -> Sequence[torch.Tensor]:
         """Eval-mode output of every layer, ``[B, T, D]`` each (0: embeddings, L: after the
-        final norm, as transformers reports them), through the method's forward (so ShifCon's
+        final norm, as transformers reports them), through the method's forward (so a method's
         shift shows); a collective like `forward_logits`. Default: the HF forward module's
         ``output_hidden_states``; a TypeError says the module has no such argument."""
         module, kept = self.forward_module, []

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from config.errors import UserError
+from data.batching import even_rounds
 from data.formatting import Batch, Example, collate
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
@@ -240,19 +241,16 @@ class ShifCon(Method):
             self._probe(model, examples, batch_size)
         rank, world = rank_world()
         batches = self.vector_batches(examples, batch_size)
-        mine = batches[rank::world]
-        rounds = -(-len(batches) // world)
         hidden = self.config_owner.config.hidden_size
         stats = LanguageStats.zeros(self.languages, self.layers, hidden, device=self.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for r in range(rounds):
-                group = mine[r] if r < len(mine) else batches[0]
+            for group, filler in even_rounds(batches, rank, world):
                 batch = collate(group, self.tokenizer.pad_token_id, self.languages)
                 batch = batch.to(device_of(model))
                 captured = capture_hidden(model, self.config_owner, batch, self.layers)
-                if r < len(mine):
+                if not filler:
                     for layer, h in captured.items():
                         stats.update(layer, h, batch.attention_mask, batch.lang_ids)
         model.train(was_training)

@@ -77,6 +77,7 @@ def test_kuberay_rayjob_manifest():
     assert runtime_env["working_dir"] and runtime_env["env_vars"]["POLYSHIFT_OUTPUT_ROOT"]
 
 
+@pytest.mark.slow
 def test_slurm_wrappers_are_valid_bash():
     for script in ("ray_job.sbatch", "torchrun.sbatch", "local_slurm.sh"):
         proc = subprocess.run(["bash", "-n", str(CLUSTER / "slurm" / script)], capture_output=True)
@@ -100,6 +101,7 @@ def oversized(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_oversized_working_dir_is_an_error_before_upload(oversized):
     with pytest.raises(PackageTooLarge, match=r"600\.0 MiB.*weights\.bin"):
         check_working_dir(oversized)  # Ray's own limit: 512 MiB
@@ -114,6 +116,7 @@ def test_oversized_working_dir_is_an_error_before_upload(oversized):
     assert check_working_dir(oversized, limit=2**20).bytes < 2**20
 
 
+@pytest.mark.slow
 def test_submit_script_stops_before_uploading(oversized):
     """cluster/ray/submit.sh runs the check first; `ray` is never reached here."""
     fake = oversized / "repo"

@@ -117,6 +117,7 @@ def _ray(cluster, *args: str, timeout: float = 400) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_ray_job_restarts_after_crash_and_kill_9_one_mlflow_run(
     tmp_path, tiny_model_dir, cluster, reference, mlflow_server
 ):
@@ -184,6 +185,7 @@ def test_ray_job_restarts_after_crash_and_kill_9_one_mlflow_run(
     assert steps == set(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size_through_universal_checkpoint(
     tmp_path, tiny_model_dir, reference
 ):

@@ -17,6 +17,8 @@ from parallel.distributed import free_port
 from tests.helpers.cluster_procs import ROOT, leftovers, tool_env
 from tests.helpers.runs import tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # a real Slurm: daemons, sbatch jobs
+
 LOCAL_SLURM = ROOT / "cluster" / "slurm" / "local_slurm.sh"
 
 

@@ -134,6 +134,7 @@ def test_fuzzed_recipes_either_validate_or_fail_cleanly(tmp_path_factory, sectio
         assert key in type(getattr(recipe, section)).model_fields
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_recipe_without_traceback_or_run_dir(tmp_path, tiny_model_dir):
     recipe = tiny_recipe(tiny_model_dir, tmp_path, training={"global_batch_size": 3})
     path = write_recipe(tmp_path / "bad.yaml", recipe)
@@ -144,6 +145,7 @@ def test_cli_rejects_bad_recipe_without_traceback_or_run_dir(tmp_path, tiny_mode
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_cli_rejects_missing_data_file(tmp_path, tiny_model_dir):
     recipe = tiny_recipe(tiny_model_dir, tmp_path)
     recipe["data"]["train"] = [{"path": str(tmp_path / "nope.jsonl")}]
@@ -152,6 +154,7 @@ def test_cli_rejects_missing_data_file(tmp_path, tiny_model_dir):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_prints_recipe_and_deepspeed_config(tmp_path, tiny_model_dir):
     recipe = tiny_recipe(tiny_model_dir, tmp_path)
     recipe["parallel"] = {"deepspeed": {"zero_optimization": {"reduce_bucket_size": 12345}}}

@@ -192,6 +192,7 @@ def _hf_reference(export: Path, data_dir: Path, shift: bool) -> tuple[dict, int]
     return {k: r.to_dict() for k, r in results.items()}, engine.forwards
 
 
+@pytest.mark.slow
 def test_two_process_zero3_eval_section_equals_one_process_export_eval(
     tmp_path, tiny_model_dir, data_dir
 ):

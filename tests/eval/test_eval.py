@@ -312,6 +312,7 @@ def _run_all(model_dir: str, data_dir: str) -> dict:
     return {"results": {k: r.to_dict() for k, r in results.items()}, "calls": calls}
 
 
+@pytest.mark.slow
 def test_two_process_sharded_eval_equals_one_process(tiny_model_dir, data_dir, tmp_path):
     import torch.multiprocessing as mp
 

@@ -62,8 +62,9 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300):
-    """`python launcher/run.py ...` in a fresh interpreter, as a user would run it."""
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
+    """`python launcher/run.py ...` in a fresh interpreter, as a user would run it (the timeout
+    is generous: on a busy 2-core machine a short run can take minutes)."""
     full_env = {**clean_env(), **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(

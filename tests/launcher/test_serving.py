@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 from methods.shifcon.infer import ShiftedLM
 from tests.helpers.runs import run_cli, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # a training run in a subprocess
+
 NAME = "shifcon-tiny"
 STEPS = 2
 TRACKING = {"enabled": True, "registered_model_name": NAME, "log_system_metrics": False}

@@ -122,6 +122,7 @@ def test_sanitize_key() -> None:
 # -- against the server -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_params_and_metrics_reach_server(server: str, tmp_path: Path) -> None:
     client = MlflowClient(server)
     params = {
@@ -162,6 +163,7 @@ def test_params_and_metrics_reach_server(server: str, tmp_path: Path) -> None:
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/table.md"]
 
 
+@pytest.mark.slow
 def test_non_rank0_and_disabled_touch_nothing(server: str, tmp_path: Path) -> None:
     client = MlflowClient(server)
     if client.get_experiment_by_name(EXPERIMENT) is None:
@@ -194,6 +196,7 @@ def test_non_rank0_and_disabled_touch_nothing(server: str, tmp_path: Path) -> No
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(server: str, tmp_path: Path) -> None:
     client = MlflowClient(server)
     first = _tracker(server, tmp_path, run_name="resumable")
@@ -248,6 +251,7 @@ def test_unreachable_server_warns_once(tmp_path: Path, capfd, monkeypatch) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failure_mid_run_warns_once_then_goes_quiet(server: str, tmp_path: Path, capfd) -> None:
     client = MlflowClient(server)
     tracker = _tracker(server, tmp_path)
@@ -266,6 +270,7 @@ def test_failure_mid_run_warns_once_then_goes_quiet(server: str, tmp_path: Path,
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0]
 
 
+@pytest.mark.slow
 def test_local_default_store_lives_in_workdir(tmp_path: Path, monkeypatch) -> None:
     workdir, elsewhere = tmp_path / "wd", tmp_path / "cwd"
     workdir.mkdir()
@@ -289,6 +294,7 @@ def test_local_default_store_lives_in_workdir(tmp_path: Path, monkeypatch) -> No
     assert run.data.params == {"a.b": "1"} and run.data.metrics == {"loss": 0.5}
 
 
+@pytest.mark.slow
 def test_log_hf_model_registers_transformers_model(
     server: str, tmp_path: Path, hf_export: Path
 ) -> None:
@@ -314,6 +320,7 @@ def test_log_hf_model_registers_transformers_model(
     )
 
 
+@pytest.mark.slow
 def test_log_hf_model_never_reads_the_weights(server: str, tmp_path: Path, hf_export: Path) -> None:
     export = tmp_path / "export"
     shutil.copytree(hf_export, export)
@@ -328,6 +335,7 @@ def test_log_hf_model_never_reads_the_weights(server: str, tmp_path: Path, hf_ex
     assert _sha256(local / "model" / "model.safetensors") == _sha256(weights)
 
 
+@pytest.mark.slow
 def test_log_hf_model_falls_back_to_plain_checkpoint(
     server: str, tmp_path: Path, hf_export: Path, capfd
 ) -> None:

@@ -11,6 +11,8 @@ from launcher.checkpoints import CheckpointStore
 from tests.helpers.engine_logits import engine_logits
 from tests.helpers.runs import summary, train, weights
 
+pytestmark = pytest.mark.slow  # every test here runs the launcher in fresh processes
+
 
 def test_two_process_zero3_learns_and_partitions(tmp_path, tiny_model_dir):
     proc, run = train(

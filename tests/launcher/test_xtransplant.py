@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from eval.scorer import load_model, right_pad
+from data.formatting import right_pad
+from eval.scorer import load_model
 from launcher.xtransplant import main
 from launcher.xtransplant_config import Instance, XTransplantConfig, build_instances, parse_layers
 from launcher.xtransplant_search import init_local_ray, search
@@ -249,6 +250,7 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_search_equals_sequential(tiny, model_dir, data_dir, local_ray):
     model, tokenizer = tiny
     config = _config(model_dir, data_dir)

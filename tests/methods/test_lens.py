@@ -11,8 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from config.schema import LensMethod
+from data.formatting import right_pad
 from methods.lens import DIRECTIONS_FILE, META_FILE, Lens
 from tests.helpers.runs import run_data, summary, train, weights
+
+pytestmark = pytest.mark.slow  # every test here runs the launcher in fresh processes
 
 torch.set_num_threads(1)
 LENS = {
@@ -73,7 +76,7 @@ def test_english_kept_and_agnostic_gap_shrinks(lens_run, tiny_model_dir):
     edited = _model(lens_run / "export")
     pairs = method.pairs
     seqs = [method._prompt_ids(p.en) for p in pairs] + [method._prompt_ids(p.target) for p in pairs]
-    ids, mask = method._pad(seqs, torch.device("cpu"))
+    ids, mask = right_pad(seqs, method.tokenizer.pad_token_id)
     with torch.no_grad():
         h0, _ = method.top_states(ref, ids, mask, reference=False)
         h1, _ = method.top_states(edited, ids, mask, reference=False)

@@ -188,6 +188,7 @@ def test_unsupported_architecture_is_refused():
 # -- recipes ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_impossible_layouts_fail_before_any_work(tmp_path, tiny_model_dir):
     recipe = _recipe(tiny_model_dir, tmp_path, "bad", pp=3)  # 4 layers, 3 stages
     proc = run_cli(str(write_recipe(tmp_path / "bad.yaml", recipe)), cwd=tmp_path)
@@ -203,6 +204,7 @@ def test_impossible_layouts_fail_before_any_work(tmp_path, tiny_model_dir):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,tp,pp", [("shifcon_7b", 2, 1), ("shifcon_70b", 8, 4)])
 def test_large_recipes_dry_run_on_megatron(tmp_path, name, tp, pp):
     proc = run_cli(str(ROOT / "recipes" / f"{name}.yaml"), "--dry-run", cwd=tmp_path)
@@ -220,6 +222,7 @@ def test_large_recipes_dry_run_on_megatron(tmp_path, name, tp, pp):
 # -- two-process engine checks ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["sft_tp2", "sft_pp2"])
 def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_dir, job):
     tmp, _ = megatron_runs
@@ -241,6 +244,7 @@ def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_d
     assert all(torch.equal(exported[k], v) for k, v in original.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "job,ref,rtol", [("tp2", "ds_precompute", 2e-3), ("pp2", "ds_running", 1e-5)]
 )
@@ -267,6 +271,7 @@ def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
     torch.testing.assert_close(vectors["vectors"], expected["vectors"], rtol=rtol, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["tp2", "pp2"])
 def test_shifted_export_equals_the_megatron_engine(megatron_runs, job):
     """Logits of the engine (re-opened from its distributed checkpoint, shift on) equal the
@@ -287,6 +292,7 @@ def test_shifted_export_equals_the_megatron_engine(megatron_runs, job):
         assert placement == {0: [1, 2, 3]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["tp2", "pp2"])
 def test_megatron_cached_generation_equals_uncached_and_the_export(megatron_runs, job):
     """KV-cached greedy decoding on the megatron engine (static inference context on every
@@ -296,6 +302,7 @@ def test_megatron_cached_generation_equals_uncached_and_the_export(megatron_runs
     check_record(torch.load(tmp / job / "engine_generation.pt"), tmp / job / "export", LANGS)
 
 
+@pytest.mark.slow
 def test_resume_from_distributed_checkpoint_is_exact(megatron_runs):
     tmp, _ = megatron_runs
     straight, resumed = tmp / "pp2", tmp / "pp2_resumed"
@@ -309,6 +316,7 @@ def test_resume_from_distributed_checkpoint_is_exact(megatron_runs):
     assert os.path.isdir(resumed / "checkpoints" / "step_00000002")
 
 
+@pytest.mark.slow
 def test_vectors_are_reduced_over_data_parallel_ranks(megatron_runs):
     """DP=2: each rank precomputes on half the samples; the all-reduced vectors equal one
     process's over all of them (the DeepSpeed reference)."""

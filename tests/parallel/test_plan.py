@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from config.errors import UserError
 from parallel.plan import (
     KNOWN_ARCHS,
     Arch,
@@ -84,9 +85,9 @@ def test_layout_read_from_recipe_fields_and_overrides() -> None:
     assert not layout_from_recipe(mg, 64, sequence_parallel=False).sequence_parallel
     ds = layout_from_recipe(mg, 64, engine="deepspeed")  # the same run planned on ZeRO
     assert (ds.engine, ds.tp, ds.pp, ds.dp) == ("deepspeed", 1, 1, 64)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         layout_from_recipe(mg, 64, engine="deepspeed", tp=2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         layout_from_recipe(mg, 12)  # TP 8 x PP 4 does not divide 12
 
 
@@ -129,3 +130,12 @@ def test_plan_command_on_the_big_recipes(recipe: str, engine: str | None, capsys
     if want == "deepspeed":
         assert "TP 1 x PP 1" in layout and "DeepSpeed's estimator" in out
     assert "FITS" in out and "largest micro-batch that fits" in out
+
+
+def test_plan_command_answers_bad_input_with_a_message_and_exit_2(capsys) -> None:
+    """The library raises UserError; only the CLI turns it into `error: ...` and exit 2."""
+    recipe = "recipes/shifcon_7b.yaml"
+    assert plan_main([recipe, "--arch", "llama-1t"]) == 2
+    assert capsys.readouterr().err.startswith("error: --arch: unknown 'llama-1t'; known: [")
+    assert plan_main([recipe, "--engine", "deepspeed", "--tp", "2"]) == 2
+    assert "use --engine megatron" in capsys.readouterr().err

@@ -110,6 +110,7 @@ def test_truncated_contrastive_forward(tiny):
     assert grad_norm(model.model.norm) == 0  # the final norm (and the head) do no MCL work
 
 
+@pytest.mark.slow
 def test_bad_band_and_missing_pairs_fail_cleanly(tmp_path, tiny_model_dir):
     proc, run = train(tmp_path, tiny_model_dir, "badband", "method={name: shifcon, band: [2, 4]}")
     assert proc.returncode == 2 and "method.band: (2, 4) does not fit the 4-layer" in proc.stderr
@@ -127,6 +128,7 @@ def test_bad_band_and_missing_pairs_fail_cleanly(tmp_path, tiny_model_dir):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_process_shifcon_zero3(tmp_path, tiny):
     """Both losses fall, and the all-reduced vectors equal one process's over the union."""
     path, tokenizer, data = tiny
@@ -162,6 +164,7 @@ def running_straight(tmp_path_factory, tiny_model_dir):
     return run, method
 
 
+@pytest.mark.slow
 def test_resume_with_running_vectors_is_identical(tmp_path, tiny_model_dir, running_straight):
     straight, method = running_straight
     sets = (f"method={method}", "training.steps=6", "checkpoint.every=3")
@@ -185,6 +188,7 @@ def test_resume_with_running_vectors_is_identical(tmp_path, tiny_model_dir, runn
     assert float(ours["counts"].sum()) > 0
 
 
+@pytest.mark.slow
 def test_export_shift_off_is_plain_model_and_on_is_training_engine(tmp_path, running_straight):
     run, _ = running_straight
     ref = engine_logits(run, tmp_path)
@@ -204,6 +208,7 @@ def test_export_shift_off_is_plain_model_and_on_is_training_engine(tmp_path, run
     assert set(lm.detect(["Bonjour", "Hello"])) <= set(LANGS)
 
 
+@pytest.mark.slow
 def test_engine_cached_generation_equals_uncached_and_the_export(tmp_path, running_straight):
     """The ZeRO-3 engine (one process) decodes with its KV cache, each row shifted by its own
     language at every step: see `tests.helpers.engine_generation.check_record`."""
@@ -232,6 +237,7 @@ def test_generation_shifts_every_position(tiny):
     assert not torch.equal(lm.logits(manual, step, ["sw"]), lm.logits(manual, step, None))
 
 
+@pytest.mark.slow
 def test_eval_harness_scores_a_shifcon_export_with_its_shift(running_straight):
     from eval.scorer import HFScorer, load_model
     from eval.suite import shifcon_hooks

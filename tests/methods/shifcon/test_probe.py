@@ -30,6 +30,7 @@ def tiny(tiny_model_dir):
     return tiny_model_dir, tokenizer, run_data(tokenizer)
 
 
+@pytest.mark.slow
 def test_band_auto_two_ranks_equals_one_rank_and_is_logged(tmp_path, tiny):
     """A 2-worker ZeRO-3 ShifCon run with band: auto picks the same band and curves as the
     probe computed in this process on the plain model, logs the band, and trains."""
@@ -117,6 +118,7 @@ def test_auto_band_schema_and_preflight(tmp_path, tiny_model_dir):
         preflight(validate_recipe({**bad, "method": {"name": "lens", "top_k": 4}}))
 
 
+@pytest.mark.slow
 def test_probe_cli_writes_json_plot_and_band_into_recipe(tmp_path, tiny):
     path, _, data = tiny
     pairs = tmp_path / "pairs.jsonl"
