@@ -80,9 +80,8 @@ def main() -> None:
     questions = mgsm_questions(Path(args.data_dir), args.lang, args.questions)
 
     from bench.common import open_bench_session
-    from data.formatting import chat_prompt_ids
+    from data.formatting import chat_prompt_ids, left_pad
     from eval.engine import EngineScorer
-    from eval.scorer import left_pad
     from launcher.loop import export_model
     from methods.shifcon.infer import ShiftedLM
 

@@ -4,13 +4,15 @@
 the benchmarks run on the partitioned model that was just trained, with the method's
 per-language behaviour (ShifCon's shift) exactly as in training, and no reload of the export.
 It relies only on the engine interface (``parallel/engine.py``): ``forward_logits``,
-``prefill``/``decode`` (cached generation), ``forward_module``, ``method``, ``ctx`` and ``dp_rank``/``dp_size``; nothing DeepSpeed-specific,
-so a Megatron engine behind the same interface works unchanged.
+``prefill``/``decode``/``end_decode`` (cached generation), ``forward_module``, ``method``,
+``ctx`` and ``dp_rank``/``dp_size``; nothing DeepSpeed-specific, so a Megatron engine behind
+the same interface works unchanged.
 
 Collectives: on a partitioned model a forward is a collective (ZeRO-3 gathers parameters,
 tensor/pipeline parallelism exchange activations), so every rank must call
-``forward_logits`` (and ``prefill``/``decode``) equally often. Each scorer call first agrees on the number of batches
-(one all-reduce MAX); a rank short of work runs a one-token filler batch and discards it.
+``forward_logits`` (and ``prefill``/``decode``) equally often. Each scorer call first agrees
+on the number of batches (one all-reduce MAX); a rank short of work runs a one-token filler
+batch and discards it.
 Generation agrees after every step whether any rank still has a running row; a rank with no
 prompts decodes a one-token filler row alongside.
 
@@ -18,8 +20,9 @@ Rows are split over data-parallel shards (``data_shard`` = (dp_rank, dp_size)), 
 ``eval.tasks`` reads: ranks of one model-parallel group score the same rows together.
 
 Supported formats: all four. Log-likelihood (XCOPA, perplexity) uses ``forward_logits``,
-generation (MGSM) the engine's KV cache (``prefill`` then ``decode``). Hidden states (bitext) call ``engine.forward_module`` through the
-method's forward with ``output_hidden_states=True``; an engine whose forward does not return
+generation (MGSM) the engine's KV cache (``prefill`` then ``decode``). Hidden states
+(bitext) call ``engine.forward_module`` through the method's forward with
+``output_hidden_states=True``; an engine whose forward does not return
 hidden states (e.g. a pipeline stage that only holds some layers) raises
 :class:`EngineUnsupported`, and ``run_benchmarks`` then skips bitext with a note pointing at
 ``python -m launcher.evaluate`` on the export.
@@ -35,22 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-<<<<<<< HEAD
-from data.formatting import IGNORE_INDEX, Batch
-from eval.scorer import (
-    LoglikelihoodResult,
-    TextEncoder,
-    _batches,
-    continuation_logprob,
-    cut_at_stop,
-    left_pad,
-    mean_pool_layers,
-    right_pad,
-)
-=======
-from data.formatting import IGNORE_INDEX, Batch, right_pad
+from data.formatting import IGNORE_INDEX, Batch, left_pad, right_pad
 from eval.scorer import BatchedScorer, mean_pool_layers
->>>>>>> main
 
 
 class EngineUnsupported(RuntimeError):

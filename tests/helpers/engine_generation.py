@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from data.formatting import IGNORE_INDEX, Batch, chat_prompt_ids
+from data.formatting import IGNORE_INDEX, Batch, chat_prompt_ids, left_pad, right_pad
 from eval.engine import EngineScorer
-from eval.scorer import left_pad, right_pad
 
 # Different lengths, so left padding and per-row positions are exercised.
 PROMPTS = {
