@@ -4,21 +4,25 @@
 the benchmarks run on the partitioned model that was just trained, with the method's
 per-language behaviour (ShifCon's shift) exactly as in training, and no reload of the export.
 It relies only on the engine interface (``parallel/engine.py``): ``forward_logits``,
-``forward_module``, ``method``, ``ctx`` and ``dp_rank``/``dp_size``; nothing DeepSpeed-specific,
-so a Megatron engine behind the same interface works unchanged.
+``prefill``/``decode``/``end_decode`` (cached generation), ``forward_module``, ``method``,
+``ctx`` and ``dp_rank``/``dp_size``; nothing DeepSpeed-specific, so a Megatron engine behind
+the same interface works unchanged.
 
 Collectives: on a partitioned model a forward is a collective (ZeRO-3 gathers parameters,
 tensor/pipeline parallelism exchange activations), so every rank must call
-``forward_logits`` equally often. Each scorer call first agrees on the number of batches
-(one all-reduce MAX); a rank short of work runs a one-token filler batch and discards it.
-Generation agrees after every step whether any rank still has a running row.
+``forward_logits`` (and ``prefill``/``decode``) equally often. Each scorer call first agrees
+on the number of batches (one all-reduce MAX); a rank short of work runs a one-token filler
+batch and discards it.
+Generation agrees after every step whether any rank still has a running row; a rank with no
+prompts decodes a one-token filler row alongside.
 
 Rows are split over data-parallel shards (``data_shard`` = (dp_rank, dp_size)), which
 ``eval.tasks`` reads: ranks of one model-parallel group score the same rows together.
 
-Supported formats: all four. Log-likelihood (XCOPA, perplexity) and generation (MGSM) use
-only ``forward_logits``. Hidden states (bitext) call ``engine.forward_module`` through the
-method's forward with ``output_hidden_states=True``; an engine whose forward does not return
+Supported formats: all four. Log-likelihood (XCOPA, perplexity) uses ``forward_logits``,
+generation (MGSM) the engine's KV cache (``prefill`` then ``decode``). Hidden states
+(bitext) call ``engine.forward_module`` through the method's forward with
+``output_hidden_states=True``; an engine whose forward does not return
 hidden states (e.g. a pipeline stage that only holds some layers) raises
 :class:`EngineUnsupported`, and ``run_benchmarks`` then skips bitext with a note pointing at
 ``python -m launcher.evaluate`` on the export.
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.formatting import IGNORE_INDEX, Batch, right_pad
+from data.formatting import IGNORE_INDEX, Batch, left_pad, right_pad
 from eval.scorer import BatchedScorer, mean_pool_layers
 
 
@@ -59,10 +63,11 @@ class EngineScorer(BatchedScorer):
     have gets the dominant language's id, which every method leaves unshifted (as an export is
     scored for a language without vectors). ``shift=False`` scores every language unshifted.
 
-    Generation is greedy decoding by repeated ``forward_logits`` over the whole sequence:
-    there is no KV cache on the engine path (the interface exposes none), so a step costs a
-    full forward; answers equal those of ``HFScorer`` on the export, which uses the cache.
-    Rows are right-padded, so every row keeps positions 0..n-1 as in a one-row forward.
+    Generation is greedy decoding with the engine's KV cache (``Engine.prefill`` once, then
+    ``Engine.decode`` one token per row per step; the method's shift on at every step, on
+    every pipeline stage). ``kv_cache=False`` instead repeats ``forward_logits`` over the
+    whole right-padded sequence per step (quadratic; kept as the reference). Both give the
+    answers of ``HFScorer`` on the export: every row sees positions 0..n-1 either way.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class EngineScorer(BatchedScorer):
         max_length: int = 2048,
         stop_ids: set[int] | None = None,
         shift: bool = True,
+        kv_cache: bool = True,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -89,6 +95,7 @@ class EngineScorer(BatchedScorer):
         self.engine = engine
         self.languages = list(languages)
         self.shift = shift
+        self.kv_cache = kv_cache
         self._lang_id = 0
         self.forwards = 0  # forward passes this rank ran (equal on every rank)
 
@@ -145,9 +152,14 @@ class EngineScorer(BatchedScorer):
     ) -> list[list[int]]:
         """Greedy new ids per prompt (each ends at its first stop id, or max_new_tokens).
 
-        Finished rows leave the batch; the loop ends when no rank has a running row, so every
-        rank runs the same number of forwards (an idle rank runs the filler batch).
+        With ``kv_cache`` (the default): one prefill of the left-padded prompts, then one
+        token per row per step through the engine's cache (``Engine.prefill``/``decode``).
+        Without: a full forward over the right-padded sequences per step. Either way the loop
+        ends when no rank has a running row, so every rank runs the same number of forwards
+        (an idle rank decodes a one-token filler row).
         """
+        if self.kv_cache:
+            return self._generate_cached(prompts, max_new_tokens)
         seqs = [list(p) for p in prompts]
         new: list[list[int]] = [[] for _ in seqs]
         running = list(range(len(seqs)))
@@ -161,13 +173,46 @@ class EngineScorer(BatchedScorer):
             logits = self._logits(batch)
             last = mask.sum(dim=1) - 1  # each row's own last position (right padding)
             picks = logits[torch.arange(len(running)), last.to(logits.device)].argmax(dim=-1)
-            still = []
-            for i, token in zip(running, picks.tolist(), strict=True):
-                seqs[i].append(token)
-                new[i].append(token)
-                if token not in self.stop_ids and len(seqs[i]) < self.max_length:
-                    still.append(i)
-            running = still
+            running = self._append(running, picks.tolist(), seqs, new)
+        return new
+
+    def _append(
+        self, running: list[int], picks: Sequence[int], seqs: list[list[int]], new: list[list[int]]
+    ) -> list[int]:
+        """Add each running row's pick; the rows that go on (no stop id, room left)."""
+        still = []
+        for i, token in zip(running, picks, strict=True):
+            seqs[i].append(token)
+            new[i].append(token)
+            if token not in self.stop_ids and len(seqs[i]) < self.max_length:
+                still.append(i)
+        return still
+
+    def _generate_cached(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        seqs = [list(p) for p in prompts]
+        new: list[list[int]] = [[] for _ in seqs]
+        if max_new_tokens <= 0 or not _max_over_ranks(len(seqs)):
+            return new
+        rows = seqs or [[self.pad_id]]  # an idle rank decodes a filler row
+        ids, mask = left_pad(rows, self.pad_id)
+        langs = torch.full((len(rows),), self._lang_id, dtype=torch.long)
+        batch = Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX), langs)
+        self.forwards += 1
+        logits, state = self.engine.prefill(batch, max_new_tokens)
+        try:
+            running = list(range(len(seqs)))
+            for step in range(max_new_tokens):
+                picks = logits.argmax(dim=-1)
+                pick_list = picks.tolist()
+                running = self._append(running, [pick_list[i] for i in running], seqs, new)
+                if step + 1 == max_new_tokens or not _max_over_ranks(len(running)):
+                    break
+                self.forwards += 1
+                logits = self.engine.decode(state, picks)  # finished rows ride along, ignored
+        finally:
+            self.engine.end_decode(state)
         return new
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from data.formatting import Batch, Example, collate, num_label_tokens
 from data.pipeline import RunData, build_run_data
 from eval.engine import check_benchmarks, run_benchmarks
 from launcher.checkpoints import CheckpointStore, step_tag
+from launcher.serving import log_export
 from launcher.tracking import Tracker, flatten
 from launcher.universal import plan_resume
 from methods.registry import build_method
@@ -464,9 +465,11 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         export_model(engine, tokenizer, recipe, data.languages, export_dir, ctx)
         for path in engine.method.artifacts(export_dir):
             tracker.log_artifact(path, f"method/{recipe.method.name}")
-        if recipe.tracking.log_model:
-            tracker.log_hf_model(export_dir)
     benchmarks = run_benchmarks(session, tracker, state.step)  # recipe eval:, on the engine
+    if export_dir is not None and recipe.tracking.log_model:
+        # After every final metric, at the final step: the LoggedModel links that step's
+        # metrics (held-out loss, benchmarks, last train step), not the run's first.
+        log_export(tracker, export_dir, state.step)
     counts = torch.tensor(engine.param_counts(), dtype=torch.long)
     shards = [torch.zeros_like(counts) for _ in range(ctx.world_size)]
     if torch.distributed.is_initialized():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from methods.base import Method
 from model.backbone import ResolvedBackbone, load_causal_lm
 from parallel.distributed import DistContext, all_reduce_sum_
 from parallel.ds_config import build_deepspeed_config, resolve_precision
-from parallel.engine import Engine, StepResult
+from parallel.engine import DecodeState, Engine, StepResult
+
+_HELD = -1  # a pseudo sub-module id: "in use" for ZeRO-3's release check (module ids are >= 0)
 
 
 class DeepSpeedEngine(Engine):
@@ -86,6 +89,41 @@ class DeepSpeedEngine(Engine):
         logits = self.method.logits(self.ds, batch)
         self.ds.train()
         return logits
+
+    # -- cached generation ------------------------------------------------------------------
+
+    def prefill(self, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, DecodeState]:
+        """ZeRO-3 on one rank: the weights stay gathered for the whole decode (see
+        `_whole_weights`); on more ranks each layer is gathered and freed at every step, as in
+        any ZeRO-3 forward (the memory-safe path for a partitioned model)."""
+        held = ExitStack()
+        if self.zero_stage == 3 and self.ctx.world_size == 1:
+            held.enter_context(self._whole_weights())
+        try:
+            logits, state = super().prefill(batch, max_new_tokens)
+        except BaseException:
+            held.close()
+            raise
+        state.held.enter_context(held)
+        return logits, state
+
+    @contextmanager
+    def _whole_weights(self) -> Iterator[None]:
+        """Every weight gathered once, instead of every layer gathered and freed per token: what
+        DeepSpeed's hybrid engine does for generation (``gather_all_layers``). On one rank the
+        partition is the whole model already, so only the working copy is extra. A held entry
+        in ``ds_active_sub_modules`` keeps the forward hooks from freeing them mid-decode."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            for p in params:
+                p.ds_active_sub_modules.add(_HELD)
+            try:
+                yield
+            finally:
+                for p in params:
+                    p.ds_active_sub_modules.discard(_HELD)
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.module.parameters())

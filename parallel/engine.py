@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,33 @@ from data.formatting import Batch, Example
 from methods.base import Method
 from model.losses import per_sample_lm_loss
 from parallel.distributed import DistContext
+
+
+@dataclass
+class DecodeState:
+    """A cached greedy decode between steps: the rows' mask so far and the engine's cache.
+
+    Prompts are left-padded (content on the right), so every row's next token goes to the
+    same cache slot; ``attention_mask`` (``[B, T]``, 1 on content) keeps padding out of every
+    step's attention, and positions count content tokens only, so a row sees the positions
+    0..n-1 it has in a one-row forward.
+    """
+
+    attention_mask: torch.Tensor
+    lang_ids: torch.Tensor
+    cache: Any = None
+    steps: int = 0  # decode steps run so far
+    held: ExitStack = field(default_factory=ExitStack)  # what the engine holds until the end
+
+    def positions(self, width: int) -> torch.Tensor:
+        """``[B, width]`` position ids of the last ``width`` slots (content tokens counted)."""
+        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -width:]
+
+    def grow(self) -> None:
+        """One more content slot per row (the token this step feeds)."""
+        ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        self.steps += 1
 
 
 @dataclass
@@ -78,6 +106,58 @@ class Engine(ABC):
         finally:
             module.train(was_training)
         return getattr(kept[-1], "hidden_states", None) or ()
+
+    # -- cached greedy generation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, DecodeState]:
+        """Start a cached greedy decode of left-padded prompts (``batch.attention_mask`` 1 on
+        content, content on the right; ``batch.lang_ids`` per row, so the method's forward
+        shifts as in training). Returns each row's next-token logits ``[B, V]`` and the state
+        `decode` continues from. A collective like `forward_logits`.
+
+        Default: the Hugging Face forward module with a ``DynamicCache``, through the method's
+        forward (``Method.logits``), so ShifCon's shift is on for the prompt and every
+        generated token (its hooks shift each call's new positions)."""
+        from transformers import DynamicCache
+
+        device = self.ctx.torch_device
+        state = DecodeState(
+            batch.attention_mask.to(device), batch.lang_ids.to(device), DynamicCache()
+        )
+        return self._cached_forward(state, batch.input_ids.to(device)), state
+
+    @torch.no_grad()
+    def decode(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``[B]``) through the cache; next-token logits ``[B, V]``."""
+        state.grow()
+        return self._cached_forward(state, tokens.to(self.ctx.torch_device).view(-1, 1))
+
+    def end_decode(self, state: DecodeState) -> None:
+        """The decode is over: release what the engine held for it (every rank calls it)."""
+        state.held.close()
+        state.cache = None
+
+    def _cached_forward(self, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+        module = self.forward_module
+        extra = {
+            "cache": state.cache,
+            "use_cache": True,
+            "position_ids": state.positions(input_ids.shape[1]),
+            "logits_to_keep": 1,
+        }
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return module(*args, **kwargs, **extra)
+
+        batch = Batch(input_ids, state.attention_mask, input_ids, state.lang_ids)
+        was_training = module.training
+        module.eval()
+        try:
+            logits = self.method.logits(forward, batch)
+        finally:
+            module.train(was_training)
+        return logits[:, -1].float()
 
     def prepare_method(self, examples: Sequence[Example], batch_size: int) -> None:
         """The method's one-off work before the first step of a fresh run (e.g. vectors)."""

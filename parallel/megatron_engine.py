@@ -285,6 +285,19 @@ class MegatronEngine(Engine):
         return logits
 
     @torch.no_grad()
+    def prefill(self, batch: Batch, max_new_tokens: int):
+        """Cached greedy decoding through every stage (`parallel/megatron_generate.py`)."""
+        from parallel import megatron_generate
+
+        return megatron_generate.prefill(self, batch, max_new_tokens)
+
+    @torch.no_grad()
+    def decode(self, state, tokens: Tensor) -> Tensor:
+        from parallel import megatron_generate
+
+        return megatron_generate.decode(self, state, tokens)
+
+    @torch.no_grad()
     def hidden_states(self, batch: Batch) -> list[Tensor]:
         """Every layer's output on every rank: each stage records its own layers (after the
         method's forward, as transformers reports them; the last entry after the final norm),

@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --nproc_per_node 2 -m tests.helpers.megatron_worker SPEC.json OUT``
 
 SPEC is a list of jobs, run in order in the same two processes, each a fresh megatron layout:
-``{"name", "recipe", "train": bool, "logits": bool, "export_untrained": bool}``. Training goes
+``{"name", "recipe", "train": bool, "logits": bool, "generate": bool, "export_untrained": bool}``
+(``generate``: cached greedy decoding recorded by `tests/helpers/engine_generation.py`). Training goes
 through `run_training`, the function every launcher's workers run; logits are taken from a
 session re-opened on the run directory (so they come from the distributed checkpoint).
 Everything a test asserts on is written under OUT/<name>/.
@@ -51,7 +52,7 @@ def run_job(job: dict, out: Path) -> None:
             staged.training.steps = steps
             run_training(staged, run_dir)  # writes run_dir/summary.json
             _close()
-    if not (job.get("logits") or job.get("export_untrained")):
+    if not (job.get("logits") or job.get("export_untrained") or job.get("generate")):
         return
     session = open_session(recipe, run_dir)
     engine = session.engine
@@ -77,6 +78,12 @@ def run_job(job: dict, out: Path) -> None:
                 },
                 run_dir / "engine_logits.pt",
             )
+    if job.get("generate"):  # cached generation across the stages (every rank decodes)
+        from tests.helpers.engine_generation import record
+
+        generated = record(session)
+        if rank == 0:
+            torch.save(generated, run_dir / "engine_generation.pt")
     if job.get("export_untrained"):
         engine.export(run_dir / "export_untrained")
     _close()

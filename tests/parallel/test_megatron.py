@@ -23,8 +23,10 @@ from methods.shifcon.infer import ShiftedLM
 from parallel.distributed import free_port
 from parallel.megatron_convert import hf_to_mcore, mcore_to_hf, pack_qkv, unpack_qkv
 from parallel.megatron_model import DecoderShape, layout_errors
+from tests.helpers.engine_generation import check_record
 from tests.helpers.runs import ROOT, clean_env, run_cli, tiny_recipe, write_recipe
 
+LANGS = ["en", "fr", "sw"]  # tiny_recipe's
 SHIFCON = {"name": "shifcon", "band": [1, 3], "mcl_batch_size": 4, "vector_samples": 8}
 STEPS = 4
 
@@ -66,9 +68,10 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
          "logits": True, "export_untrained": True},
         {"name": "sft_pp2", "recipe": _recipe(m, tmp, "sft_pp2", pp=2, name="sft"),
          "logits": True, "export_untrained": True},
-        {"name": "tp2", "recipe": _recipe(m, tmp, "tp2", tp=2), "train": True, "logits": True},
+        {"name": "tp2", "recipe": _recipe(m, tmp, "tp2", tp=2), "train": True, "logits": True,
+         "generate": True},
         {"name": "pp2", "recipe": _recipe(m, tmp, "pp2", pp=2, vector_mode="running"),
-         "train": True, "logits": True},
+         "train": True, "logits": True, "generate": True},
         {"name": "pp2_resumed", "recipe": _recipe(m, tmp, "pp2_resumed", pp=2,
                                                   vector_mode="running"),
          "train": True, "stages": [2, STEPS]},
@@ -287,6 +290,16 @@ def test_shifted_export_equals_the_megatron_engine(megatron_runs, job):
         assert placement == {0: [1, 2], 1: [3]}
     else:
         assert placement == {0: [1, 2, 3]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["tp2", "pp2"])
+def test_megatron_cached_generation_equals_uncached_and_the_export(megatron_runs, job):
+    """KV-cached greedy decoding on the megatron engine (static inference context on every
+    stage; on pp2 the shift-toward layer is on stage 0 and the shift-backward on stage 1):
+    see `tests.helpers.engine_generation.check_record`."""
+    tmp, _ = megatron_runs
+    check_record(torch.load(tmp / job / "engine_generation.pt"), tmp / job / "export", LANGS)
 
 
 @pytest.mark.slow

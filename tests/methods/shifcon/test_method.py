@@ -14,6 +14,7 @@ from launcher.checkpoints import CheckpointStore
 from methods.shifcon.infer import ShiftedLM
 from methods.shifcon.math import LanguageStats
 from methods.shifcon.method import LANG_KWARG, ShifCon, ShifConHooks, capture_hidden, load_shifcon
+from tests.helpers.engine_generation import check_record, engine_generation
 from tests.helpers.engine_logits import engine_logits
 from tests.helpers.runs import run_data, summary, train, weights
 
@@ -205,6 +206,14 @@ def test_export_shift_off_is_plain_model_and_on_is_training_engine(tmp_path, run
     answers = lm.generate(["Habari?", "Hello?"], langs=["sw", "en"], max_new_tokens=3)
     assert len(answers) == 2
     assert set(lm.detect(["Bonjour", "Hello"])) <= set(LANGS)
+
+
+@pytest.mark.slow
+def test_engine_cached_generation_equals_uncached_and_the_export(tmp_path, running_straight):
+    """The ZeRO-3 engine (one process) decodes with its KV cache, each row shifted by its own
+    language at every step: see `tests.helpers.engine_generation.check_record`."""
+    run, _ = running_straight
+    check_record(engine_generation(run, tmp_path), run / "export", LANGS)
 
 
 def test_generation_shifts_every_position(tiny):
