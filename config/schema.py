@@ -131,7 +131,15 @@ class ShifConMethod(Section):
     vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
     alpha: NonNegativeFloat = 0.5
     beta: NonNegativeFloat = 2.0
-    tau: PositiveFloat = 1.0
+    tau: PositiveFloat = Field(
+        0.05, description="InfoNCE temperature (chosen by measurement: README, ShifCon)."
+    )
+    pooling: Literal["content", "all"] = Field(
+        "content",
+        description="content: vectors, MCL embeddings, probe and detection average the "
+        "instruction's own tokens (no attention sink, no chat template), MCL centred on the "
+        "language vectors; all: the original every-token mean (ablation only).",
+    )
     mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
     pairs: PairSource = Field(default_factory=PairSource)
 
