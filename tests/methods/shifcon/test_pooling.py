@@ -26,7 +26,7 @@ from data.pipeline import build_run_data
 from methods.shifcon.detect import LinearDetector
 from methods.shifcon.infer import ShiftedLM, detection_accuracy
 from methods.shifcon.method import ShifCon
-from tests.tiny import make_tiny_llama
+from tests.helpers.tiny import make_tiny_llama
 
 LANGS = ["en", "xx", "yy"]
 WORDS = {
@@ -168,6 +168,7 @@ def _all_token_features(lm: ShiftedLM, prompts):
     return pooled_mean(h, batch.attention_mask)
 
 
+@pytest.mark.slow
 def test_detect_eval_cli_rejects_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "launcher.shifcon_infer", "detect-eval", "--model", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

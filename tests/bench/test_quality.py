@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data.gsm8k_shared import is_heldout, load_items
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = {"fr": "combien de pommes", "sw": "maapulo mangapi"}
 
 
@@ -53,6 +55,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path):
     data = shared_folder(tmp_path / "shared")
     out = tmp_path / "out"
@@ -82,6 +85,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert {"sft_s0", "shifcon_s0"} <= names and gaps == 2
 
 
+@pytest.mark.slow
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     cmd = [sys.executable, "-m", "bench.quality", "--quick", "--data-dir", str(tmp_path / "nope")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
