@@ -119,7 +119,7 @@ class ShifConMethod(Section):
     name: Literal["shifcon"]
     band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
         description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
-        "auto: chosen by the layer probe (model/probe.py) on the training data before training."
+        "auto: chosen by the layer probe (methods/shifcon/probe.py) on the training data before training."
     )
     probe_samples: PositiveInt = Field(
         32, description="band: auto: samples (and parallel pairs) per language for the probe."
@@ -281,7 +281,7 @@ EvalTask = Literal["xcopa", "mgsm", "bitext", "ppl"]
 
 
 class EvalSection(Section):
-    """Benchmarks (DESIGN.md "Evaluation formats") run on the training engine after training;
+    """Benchmarks (docs/methods.md "Evaluation formats") run on the training engine after training;
     also the options of ``python -m launcher.evaluate``, so a recipe and the CLI share one definition.
     No tasks (the default): nothing runs."""
 

@@ -1,6 +1,6 @@
 """ShifCon on a Hugging Face decoder: hooks that shift, capture and truncate, and the method.
 
-The math lives in `model/shifcon_math.py`; this file only decides where it runs. Hooks sit on
+The math lives in `methods/shifcon/math.py`; this file only decides where it runs. Hooks sit on
 decoder layers f..b and read two call keyword arguments that transformers forwards to every
 decoder layer:
 

@@ -2,7 +2,7 @@
 
 Runs a backbone over multilingual probe samples, accumulates per-layer language means of the
 raw residual stream with `LanguageStats` (one all-reduce when distributed), computes the
-subspace distance per layer (`model/subspace.py`; this project's own metric, see DESIGN.md),
+subspace distance per layer (`methods/subspace.py`; this project's own metric, see docs/methods.md),
 chooses the band with `select_band`, and scores each layer by nearest-centroid language
 identification (held-out samples) and bitext retrieval (parallel pairs).
 
