@@ -119,7 +119,7 @@ class ShifConMethod(Section):
     name: Literal["shifcon"]
     band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
         description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
-        "auto: chosen by the layer probe (model/probe.py) on the training data before training."
+        "auto: chosen by the layer probe (methods/shifcon/probe.py) on the training data before training."
     )
     probe_samples: PositiveInt = Field(
         32, description="band: auto: samples (and parallel pairs) per language for the probe."
@@ -131,7 +131,15 @@ class ShifConMethod(Section):
     vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
     alpha: NonNegativeFloat = 0.5
     beta: NonNegativeFloat = 2.0
-    tau: PositiveFloat = 1.0
+    tau: PositiveFloat = Field(
+        0.05, description="InfoNCE temperature (chosen by measurement: README, ShifCon)."
+    )
+    pooling: Literal["content", "all"] = Field(
+        "content",
+        description="content: vectors, MCL embeddings, probe and detection average the "
+        "instruction's own tokens (no attention sink, no chat template), MCL centred on the "
+        "language vectors; all: the original every-token mean (ablation only).",
+    )
     mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
     pairs: PairSource = Field(default_factory=PairSource)
 
@@ -273,7 +281,7 @@ EvalTask = Literal["xcopa", "mgsm", "bitext", "ppl"]
 
 
 class EvalSection(Section):
-    """Benchmarks (DESIGN.md "Evaluation formats") run on the training engine after training;
+    """Benchmarks (docs/methods.md "Evaluation formats") run on the training engine after training;
     also the options of ``python -m launcher.evaluate``, so a recipe and the CLI share one definition.
     No tasks (the default): nothing runs."""
 

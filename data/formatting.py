@@ -19,6 +19,9 @@ class Example:
     labels: list[int]  # IGNORE_INDEX on the prompt
     lang: str
     id: str
+    # [start, end) of the positions pooled into sentence embeddings and language means (the
+    # instruction's own tokens, `content_span`); None: every position but the first.
+    span: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -40,6 +43,29 @@ def chat_prompt_ids(tokenizer, instruction: str, system_prompt: str | None = Non
         )
     text = (system_prompt + "\n\n" if system_prompt else "") + instruction + "\n\n"
     return _ids(tokenizer(text, add_special_tokens=True))
+
+
+def content_span(tokenizer, instruction: str, system_prompt: str | None = None) -> tuple[int, int]:
+    """[start, end) of the instruction's own tokens inside ``chat_prompt_ids``: the positions
+    that say something about the sample, without the attention sink (position 0) and the chat
+    template's scaffolding (system prompt, role markers), whose hidden states are the same for
+    every sample and, at the sink, hundreds of times larger than the rest (README, ShifCon).
+
+    Found as what differs from the prompt rendered with an empty instruction (common prefix and
+    suffix), so it needs no knowledge of the template; never position 0, never empty.
+    """
+    ids = chat_prompt_ids(tokenizer, instruction, system_prompt)
+    empty = chat_prompt_ids(tokenizer, "", system_prompt)
+    start = 0
+    while start < min(len(ids), len(empty)) and ids[start] == empty[start]:
+        start += 1
+    tail = 0
+    while tail < min(len(ids), len(empty)) - start and ids[-1 - tail] == empty[-1 - tail]:
+        tail += 1
+    start, end = max(start, 1), len(ids) - tail
+    if end <= start:  # an empty instruction: fall back to everything but the sink
+        start, end = min(1, len(ids) - 1), len(ids)
+    return start, end
 
 
 def _messages(instruction: str, system_prompt: str | None, response: str | None = None):
@@ -100,7 +126,11 @@ def encode_dialogue(
     full, labels = full[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Example(input_ids=full, labels=labels, lang=lang, id=id)
+    # Pooled positions: the first user turn's own tokens (the prompt a shift is applied to).
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    span = content_span(tokenizer, first_user, system)
+    return Example(input_ids=full, labels=labels, lang=lang, id=id, span=span)
 
 
 def _template_spans(tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -188,6 +218,9 @@ class Batch:
     # micro-batch loss is its token-loss sum over this, so that the accumulated, DP-averaged
     # gradient is the token mean of the global batch whatever the batch layout.
     token_normalizer: float = 1.0
+    # [B, 2] (start, end) of the pooled positions per row (`Example.span`); None: all but the
+    # first position. Read through `pool_mask`, the one pooling definition.
+    spans: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(
@@ -196,7 +229,14 @@ class Batch:
             attention_mask=self.attention_mask.to(device),
             labels=self.labels.to(device),
             lang_ids=self.lang_ids.to(device),
+            spans=None if self.spans is None else self.spans.to(device),
         )
+
+    def pool_mask(self) -> torch.Tensor:
+        """[B, T] 1 on the positions that sentence embeddings and language means average over."""
+        if self.spans is None:
+            return content_mask(self.attention_mask)
+        return content_mask(self.attention_mask, self.spans[:, 0], self.spans[:, 1])
 
     @property
     def num_label_tokens(self) -> int:
@@ -205,6 +245,29 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+def content_mask(
+    attention_mask: torch.Tensor,
+    start: torch.Tensor | None = None,
+    end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The one pooling definition: [B, T] 1 on the positions that sentence embeddings (MCL),
+    language vectors, the probe and language detection average over.
+
+    Non-padding positions in [start, end) per row (default: the whole row), never position 0:
+    the first position is the attention sink, whose hidden state is hundreds of times larger
+    than any other (SmolLM2 layer 12: norm ~23,000 vs a median of ~140) and the same for every
+    sentence, so a mean that includes it points the same way for all inputs.
+    """
+    width = attention_mask.shape[1]
+    pos = torch.arange(width, device=attention_mask.device).unsqueeze(0)
+    keep = attention_mask.bool() & (pos >= 1)
+    if start is not None:
+        keep &= pos >= start.to(attention_mask.device).unsqueeze(1)
+    if end is not None:
+        keep &= pos < end.to(attention_mask.device).unsqueeze(1)
+    return keep.to(attention_mask.dtype)
 
 
 def num_label_tokens(example: Example) -> int:
@@ -241,4 +304,5 @@ def collate(examples: Sequence[Example], pad_id: int, languages: Sequence[str]) 
     labels, _ = right_pad([e.labels for e in examples], IGNORE_INDEX)
     lang_index = {lang: i for i, lang in enumerate(languages)}
     lang_ids = torch.tensor([lang_index[e.lang] for e in examples], dtype=torch.long)
-    return Batch(input_ids, mask, labels, lang_ids)
+    spans = torch.tensor([e.span or (1, len(e)) for e in examples], dtype=torch.long)
+    return Batch(input_ids, mask, labels, lang_ids, spans=spans)

@@ -9,8 +9,11 @@ two-letter part), else the language the export's detector finds for the prompt
 (``ShiftedLM.detect``, nearest language centroid). A language without vectors stays unshifted,
 as in our own tasks; a plain export is never shifted.
 
-    lm_eval --model polyshift --model_args pretrained=runs/x/export,lang=sw ...  (after
-    ``import eval.harness``), or ``python -m launcher.evaluate --harness lm-eval``.
+    import eval.harness  # registers "polyshift" with lm-eval
+    lm_eval.simple_evaluate(model="polyshift", model_args="pretrained=runs/x/export,lang=sw",
+                            tasks=[...], task_manager=eval.harness.task_manager(...))
+
+or ``python -m launcher.evaluate --harness lm-eval`` (``run_tasks`` below).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from eval.scorer import HFScorer, load_model
 
 T = TypeVar("T")
 AUTO = "auto"
+FEWSHOT_SEED = 1234  # simple_evaluate's default
 _TWO_LETTERS = re.compile(r"^[a-z]{2}$")
 
 
@@ -252,22 +256,30 @@ def run_tasks(
     max_new_tokens: int = 256,
     apply_chat_template: bool = False,
     system_instruction: str | None = None,
+    manager: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """lm-eval's ``simple_evaluate`` on ``tasks``; returns (results as our ``TaskResult`` per
+    """lm-eval's ``evaluate`` on ``tasks``; returns (results as our ``TaskResult`` per
     benchmark, lm-eval's own results dict).
 
     Our benchmarks (``xcopa_<lang>``, ``mgsm_<lang>``) get task files in ``task_dir`` pointing
     at ``data_dir`` (``eval.lm_eval_tasks``); lm-eval's built-in task list (slow to index, and
-    its datasets come from the hub) is only read when a task is not one of ours.
+    its datasets come from the hub) is only read when a task is not one of ours. This is
+    ``simple_evaluate`` without its run report (git and ``torch.utils.collect_env`` probes
+    start a dozen processes): tasks are zero-shot unless their config says otherwise.
     """
-    from lm_eval import simple_evaluate
+    from lm_eval.evaluator import evaluate
 
-    manager = task_manager(tasks, data_dir=data_dir, task_dir=task_dir,
-                           max_new_tokens=max_new_tokens)  # fmt: skip
-    raw = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=manager,
+    if manager is None:  # else: the caller's, from task_manager() with the same arguments
+        manager = task_manager(tasks, data_dir=data_dir, task_dir=task_dir,
+                               max_new_tokens=max_new_tokens)  # fmt: skip
+    loaded = manager.load(list(tasks))
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    raw = evaluate(
+        lm=lm,
+        task_dict=loaded,
         limit=limit,
         log_samples=True,
         apply_chat_template=apply_chat_template,

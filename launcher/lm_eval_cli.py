@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from config.schema import EvalSection
-from eval.benchmarks import BenchmarkError, shared_data_dir
+from eval.benchmarks import shared_data_dir
 from eval.lm_eval_tasks import FAMILIES
 
 # EvalSection fields that mean the same under lm-eval (validated by the same schema).
@@ -61,8 +61,8 @@ def run_lm_eval(args: argparse.Namespace, make_tracker: Callable[[argparse.Names
         task_dir = out.parent if out else Path(tempfile.mkdtemp(prefix="polyshift-lm-eval-"))
         from eval.harness import task_manager
 
-        task_manager(tasks, data_dir=data_dir, task_dir=task_dir / "lm_eval_tasks",
-                     max_new_tokens=options.max_new_tokens)  # fmt: skip
+        manager = task_manager(tasks, data_dir=data_dir, task_dir=task_dir / "lm_eval_tasks",
+                               max_new_tokens=options.max_new_tokens)  # fmt: skip
     except ValueError as exc:  # BenchmarkError and pydantic's ValidationError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,15 +72,16 @@ def run_lm_eval(args: argparse.Namespace, make_tracker: Callable[[argparse.Names
     from eval.harness import PolyshiftLM, run_tasks
     from eval.suite import publish
 
-    lm = PolyshiftLM(args.model, lang=args.shift_language, shift=not args.no_shift,
-                     batch_size=options.batch_size, max_length=options.max_length,
-                     dtype=args.dtype, attn=args.attn)  # fmt: skip
     try:
+        lm = PolyshiftLM(args.model, lang=args.shift_language, shift=not args.no_shift,
+                         batch_size=options.batch_size, max_length=options.max_length,
+                         dtype=args.dtype, attn=args.attn)  # fmt: skip
         results, raw = run_tasks(lm, tasks, data_dir=data_dir, task_dir=task_dir / "lm_eval_tasks",
                                  limit=options.limit, max_new_tokens=options.max_new_tokens,
                                  apply_chat_template=args.apply_chat_template,
-                                 system_instruction=options.system_prompt)  # fmt: skip
-    except BenchmarkError as exc:
+                                 system_instruction=options.system_prompt,
+                                 manager=manager)  # fmt: skip
+    except ValueError as exc:  # a bad --model (BackboneError), a bad benchmark row
         print(f"error: {exc}", file=sys.stderr)
         return 2
     own = {k: raw.get(k, {}) for k in ("results", "n-samples", "versions")}

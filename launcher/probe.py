@@ -41,21 +41,26 @@ def _cli_inputs(args, tokenizer, languages: list[str]) -> ProbeInputs:
         else []
     )
 
-    def tok(text: str) -> list[int]:
-        return tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]
+    from methods.shifcon.method import sentence_example
 
-    pair_ids = [(p.lang, tok(p.en), tok(p.target)) for p in pairs]
+    def tok(text: str):
+        return sentence_example(tokenizer, text, args.max_length)
+
+    pair_ids = []
+    for p in pairs:
+        en, x = tok(p.en), tok(p.target)
+        pair_ids.append((p.lang, en.input_ids, x.input_ids, en.span, x.span))
     if args.data:
         rows, _ = load_rows(args.data)
         examples, _ = encode_rows(tokenizer, rows, languages, max_length=args.max_length)
-        samples = [(ex.lang, ex.input_ids) for ex in examples]
+        samples = [(ex.lang, ex.input_ids, ex.span) for ex in examples]
     else:  # the pairs' own sentences: English once per pair item, targets per language
         samples, seen = [], set()
-        for lang, en, target in pair_ids:
+        for lang, en, target, en_span, target_span in pair_ids:
             if tuple(en) not in seen:
                 seen.add(tuple(en))
-                samples.append((languages[0], en))
-            samples.append((lang, target))
+                samples.append((languages[0], en, en_span))
+            samples.append((lang, target, target_span))
     if not samples:
         raise SystemExit("error: give --data or --pairs (no probe samples)")
     return build_inputs(languages, samples, pair_ids, args.samples)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.errors import UserError, WorkersFailed
+from config.errors import TrainingDiverged, UserError, WorkersFailed
 from config.recipe import RecipeError, dump_recipe, load_recipe
 from config.schema import Recipe
 
@@ -118,30 +120,38 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(recipe.output_dir) / recipe.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     from launcher.ray_launch import choose_launcher
+    from launcher.run_lock import run_dir_lock
 
     mode = choose_launcher(recipe.cluster)  # a worker already (RANK set), Ray, or local
+    # The job's driver (or, under torchrun, its rank 0) holds the run directory.
+    holds_lock = mode != "worker" or os.environ.get("RANK", "0") == "0"
     try:
-        if mode == "ray":
-            from launcher.ray_launch import launch_ray_workers
-
-            launch_ray_workers(recipe, run_dir)
-        elif mode == "local":
-            from launcher.local import launch_local_workers
-
-            launch_local_workers(recipe, run_dir)
-        else:
-            from launcher.loop import run_training
-
-            run_training(recipe, run_dir)
+        with run_dir_lock(run_dir) if holds_lock else contextlib.nullcontext():
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            _launch(mode, recipe, run_dir)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except WorkersFailed as exc:
+    except (WorkersFailed, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def _launch(mode: str, recipe: Recipe, run_dir: Path) -> None:
+    if mode == "ray":
+        from launcher.ray_launch import launch_ray_workers
+
+        launch_ray_workers(recipe, run_dir)
+    elif mode == "local":
+        from launcher.local import launch_local_workers
+
+        launch_local_workers(recipe, run_dir)
+    else:
+        from launcher.loop import run_training
+
+        run_training(recipe, run_dir)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,21 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return _truncate(f"{type(exc).__name__}: {text}", limit)
 
 
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:token|access_token|api_key|apikey|key|password|secret|sig)=)[^&\s\"']+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``scheme://user:***@host`` and ``?token=***``: credentials never reach a log or a param."""
+    text = _URI_CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+    return _SECRET_QUERY.sub(r"\g<key>***", text)
+
+
 def _warn(message: str) -> None:
-    print(f"mlflow: {message}", file=sys.stderr, flush=True)
+    print(f"mlflow: {redact(message)}", file=sys.stderr, flush=True)
 
 
 def _local_sqlite_uri(workdir: str | os.PathLike) -> str:
@@ -412,7 +425,7 @@ class Tracker:
         changed: dict[str, str] = {}
         for key, value in flatten(params).items():
             name = sanitize_key(key)
-            text = _truncate(str(value), MAX_PARAM_VALUE_LENGTH)
+            text = _truncate(redact(str(value)), MAX_PARAM_VALUE_LENGTH)
             if name not in self._params:
                 new[name] = text
             elif self._params[name] != text:
@@ -452,7 +465,11 @@ class Tracker:
             return
         client = self._client
         self._guard(
-            f"logging {artifact_file}", client.log_text, self._run_id, str(text), artifact_file
+            f"logging {artifact_file}",
+            client.log_text,
+            self._run_id,
+            redact(str(text)),
+            artifact_file,
         )
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -476,7 +493,7 @@ class Tracker:
             self._client.set_tag,
             self._run_id,
             sanitize_key(key),
-            _truncate(str(value), MAX_TAG_VALUE_LENGTH),
+            _truncate(redact(str(value)), MAX_TAG_VALUE_LENGTH),
         )
 
     @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Lens: edit the top k decoder layers so that target languages move toward English along the
 language-agnostic direction and apart in the language-specific subspace, English kept.
 
-Specification: DESIGN.md, "Lens specification". Choices made here:
+Specification: docs/methods.md, "Lens specification". Choices made here:
 
 - Representations h are the raw output of the top decoder layer L (before the final norm),
   mean-pooled over the content tokens of each chat-formatted prompt (no answer tokens).

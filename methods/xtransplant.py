@@ -1,6 +1,6 @@
 """XTransplant, the method: record one layer's feed-forward (or attention) output, transplant it.
 
-DESIGN.md, "XTransplant specification". Run the auxiliary prompt (e.g. the English version of
+docs/methods.md, "XTransplant specification". Run the auxiliary prompt (e.g. the English version of
 the question) once and record, at every decoder layer, the output of the ``mlp`` (or
 ``self_attn``) module at the last prompt token. Run the main prompt; at target layer j, during
 prefill only, replace that position's module output with the recorded output of source layer i.

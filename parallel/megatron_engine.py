@@ -45,6 +45,7 @@ from parallel.megatron_model import (
     transformer_config,
 )
 from parallel.megatron_schedule import Feed, Pipeline, no_loss, record_layer_outputs
+from parallel.safe_load import load_tensors
 
 CLIENT_STATE = "polyshift_client_state.pt"
 
@@ -366,7 +367,7 @@ class MegatronEngine(Engine):
             state = dist_checkpointing.load(self._sharded_state(loading=True), str(directory))
             self.model.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        return torch.load(directory / CLIENT_STATE, weights_only=False)
+        return load_tensors(directory / CLIENT_STATE)
 
     def method_state(self) -> dict[str, Any]:
         self.stage.sync_state()

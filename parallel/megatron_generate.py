@@ -87,7 +87,7 @@ def _step(engine: Any, state: DecodeState, input_ids: Tensor) -> Tensor:
     rows, width = input_ids.shape
     cache = state.cache
     step_batch = Batch(input_ids, state.attention_mask, input_ids, state.lang_ids)
-    context = engine.stage.lm_rows(step_batch, 0) if engine.stage else None
+    context = engine.stage.eval_context(step_batch)  # the method's per-row context, if any
     captured: list[Tensor] = []
 
     def forward_step(data_iterator, model):

@@ -4,9 +4,11 @@ import _posixsubprocess
 import contextlib
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +23,18 @@ from tests.helpers.tiny import make_tiny_llama
 # Tiny models run fastest on one thread, and the suite's processes share 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+# One ninja for every process the tests start, and a build directory of their own. DeepSpeed
+# JIT-builds its CPU shared-memory op with whichever ninja comes first on PATH; Debian's ninja
+# 1.11 and the venv's 1.13 hash .ninja_log entries differently, so each one takes the other's
+# build for stale and rebuilds it (minutes on 2 busy cores), and jobs started through tool_env
+# (venv first) alternated with those started by run_cli (system PATH).
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+# platform.processor() runs `uname -p` once per interpreter and caches it; libraries ask for it
+# on first import (mlflow's telemetry): ask here, so no fast test starts that process.
+platform.processor()
 
 # Tests never reach a hub, and never write into the user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,15 +141,17 @@ def mlflow_server(request, tmp_path_factory) -> Iterator[str]:
 # The modules that take longest (their processes, clusters and servers), longest first. `make
 # test` hands whole files to 2 xdist workers in collection order (--dist loadfile
 # --no-loadscope-reorder): starting with these keeps both workers busy to the end.
-LONGEST_FIRST = (
-    "tests/cluster/test_ray_launch.py",
-    "tests/launcher/test_training.py",
-    "tests/cluster/test_slurm.py",
-    "tests/parallel/test_megatron.py",
-    "tests/methods/shifcon/test_method.py",
+LONGEST_FIRST = (  # summed test wall time of `make test` on a busy machine (2026-12-02)
+    "tests/launcher/test_training.py",  # 980 s
+    "tests/cluster/test_ray_launch.py",  # 765 s
+    "tests/methods/shifcon/test_method.py",  # 390 s
+    "tests/cluster/test_slurm.py",  # 260 s
+    "tests/parallel/test_megatron.py",  # 200 s
+    "tests/methods/test_lens.py",
     "tests/eval/test_engine.py",
     "tests/methods/shifcon/test_probe.py",
-    "tests/methods/test_lens.py",
+    "tests/eval/test_eval.py",
+    "tests/launcher/test_xtransplant.py",
 )
 
 

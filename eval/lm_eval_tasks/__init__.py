@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,13 @@ HERE = Path(__file__).resolve().parent
 FAMILIES = ("xcopa", "mgsm")  # benchmarks with a config here: task names are <family>_<lang>
 
 
+_LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a file name and a function name part
+
+
 def split_task(name: str) -> tuple[str, str] | None:
     """``xcopa_sw`` -> ("xcopa", "sw"); None for a task that is not one of ours."""
     family, sep, lang = name.partition("_")
-    return (family, lang) if sep and family in FAMILIES and lang else None
+    return (family, lang) if sep and family in FAMILIES and _LANG.match(lang) else None
 
 
 def _xcopa_row(doc: dict[str, Any], lang: str) -> XcopaRow:

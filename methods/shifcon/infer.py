@@ -3,8 +3,9 @@
     python -m launcher.shifcon_infer generate runs/x/export --prompt "Habari?" [--lang sw|auto]
     python -m launcher.shifcon_infer detect-eval runs/x/export --data builtin:polyglot?items=50
 
-The prompt's language is given, or detected as the nearest language centroid (v^X_f) of the
-prompt's mean unshifted H_f, the same quantity the vectors are means of.
+The prompt's language is given, or detected (`methods/shifcon/detect.py`): by the linear
+detector saved with the export on the prompt's pooled unshifted H_f, else the nearest language
+vector v^X_f of that same feature, or by text language ID (py3langid).
 """
 
 from __future__ import annotations
@@ -15,13 +16,26 @@ from pathlib import Path
 
 import torch
 
-from data.formatting import Batch, chat_prompt_ids, left_pad, right_pad
+from data.formatting import (
+    Example,
+    chat_prompt_ids,
+    collate,
+    content_span,
+    left_pad,
+    right_pad,
+)
+from methods.shifcon.detect import DETECTORS, LinearDetector, TextLanguageID, nearest_centroid
+from methods.shifcon.math import pooled_mean
 from methods.shifcon.method import ShifConHooks, capture_hidden, load_shifcon
 
 
 class ShiftedLM:
-    def __init__(self, model, tokenizer, meta: dict, stats) -> None:
+    def __init__(
+        self, model, tokenizer, meta: dict, stats, detector: LinearDetector | None = None
+    ) -> None:
         self.model = model.eval()
+        self.detector = detector
+        self._text_id: TextLanguageID | None = None
         self.tokenizer = tokenizer
         self.languages: list[str] = list(meta["languages"])
         self.band = tuple(meta["band"])
@@ -38,7 +52,7 @@ class ShiftedLM:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(model, tokenizer, meta, stats)
+        return cls(model, tokenizer, meta, stats, LinearDetector.load(Path(directory)))
 
     def lang_ids(self, langs: Sequence[str]) -> torch.Tensor:
         unknown = sorted(set(langs) - set(self.languages))
@@ -51,16 +65,44 @@ class ShiftedLM:
         return (left_pad if left else right_pad)(ids, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def detect(self, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
-        input_ids, mask = self._prompt_batch(prompts, system_prompt, left=False)
-        batch = Batch(input_ids, mask, input_ids, torch.zeros(len(prompts), dtype=torch.long))
+    def prompt_features(
+        self, prompts: Sequence[str], system_prompt: str | None = None
+    ) -> torch.Tensor:
+        """Pooled unshifted H_f of each chat prompt over its content span, ``[N, D]``."""
+        examples = []
+        for p in prompts:
+            ids = chat_prompt_ids(self.tokenizer, p, system_prompt)
+            examples.append(
+                Example(ids, ids, "", "", span=content_span(self.tokenizer, p, system_prompt))
+            )
+        batch = collate(examples, self.tokenizer.pad_token_id, [""])
         f = self.band[0]
-        h = capture_hidden(self.model, self.model, batch, [f])[f].double()
-        m = mask.unsqueeze(-1).double()
-        means = (h * m).sum(1) / m.sum(1)
-        centroids = self.stats.layer_means(f).to(means)
-        nearest = torch.cdist(means, centroids).argmin(dim=1)
-        return [self.languages[i] for i in nearest.tolist()]
+        device = next(self.model.parameters()).device
+        h = capture_hidden(self.model, self.model, batch.to(device), [f])[f]
+        return pooled_mean(h, batch.pool_mask().to(device)).cpu()
+
+    @torch.no_grad()
+    def detect(
+        self, prompts: Sequence[str], system_prompt: str | None = None, detector: str = "auto"
+    ) -> list[str]:
+        """The language of each prompt; ``detector``: auto (linear when the export has one,
+        else centroid), centroid, linear or langid (see `methods/shifcon/detect.py`)."""
+        if detector == "auto":
+            detector = "linear" if self.detector is not None else "centroid"
+        if detector not in DETECTORS:
+            raise ValueError(f"detector must be auto or one of {DETECTORS}, got {detector!r}")
+        if detector == "langid":
+            if self._text_id is None:
+                self._text_id = TextLanguageID(self.languages)
+            return self._text_id(prompts)
+        if detector == "linear" and self.detector is None:
+            raise ValueError("this export has no linear detector (trained before it existed)")
+        features = self.prompt_features(prompts, system_prompt)
+        if detector == "linear":
+            found = self.detector.predict(features)
+        else:
+            found = nearest_centroid(features, self.stats.layer_means(self.band[0]))
+        return [self.languages[i] for i in found.tolist()]
 
     @torch.no_grad()
     def logits(
@@ -112,7 +154,7 @@ class ShiftedLM:
 
 
 def detection_accuracy(
-    lm: ShiftedLM, rows: Sequence[dict], batch_size: int = 16
+    lm: ShiftedLM, rows: Sequence[dict], batch_size: int = 16, detector: str = "auto"
 ) -> dict[str, float]:
     """Per-language share of prompts whose detected language is their own."""
     rows = [r for r in rows if r["lang"] in lm.languages]
@@ -120,7 +162,7 @@ def detection_accuracy(
     totals: Counter[str] = Counter()
     for start in range(0, len(rows), batch_size):
         group = rows[start : start + batch_size]
-        found = lm.detect([r["instruction"] for r in group])
+        found = lm.detect([r["instruction"] for r in group], detector=detector)
         for row, lang in zip(group, found, strict=True):
             totals[row["lang"]] += 1
             hits[row["lang"]] += lang == row["lang"]

@@ -4,7 +4,7 @@ Written once and shared by every engine (DeepSpeed ZeRO-3, Megatron-core TP/PP):
 only decide where a layer lives and which process group reduces what. Nothing here touches a
 module or a model; the only distributed call is the single fused all-reduce in `all_reduce_`.
 
-Conventions (see DESIGN.md, "ShifCon specification"):
+Conventions (see docs/methods.md, "ShifCon specification"):
 - layers are 1-based decoder layer indices; H_l is the output of layer l;
 - ``mask`` is 1 for content (non-padding) tokens and 0 for padding;
 - ``lang_ids`` holds one language index per sample, so a batch may mix languages;
@@ -29,6 +29,7 @@ __all__ = [
     "combine_losses",
     "language_stat_update",
     "mcl_loss",
+    "pooled_mean",
     "sentence_embedding",
     "shift_backward",
     "shift_toward",
@@ -288,17 +289,30 @@ def shift_backward(
     return _shift(h, lang_ids, v - v[dominant].unsqueeze(0), dominant, mask)
 
 
-def sentence_embedding(h: Tensor, mask: Tensor) -> Tensor:
-    """s(.) = L2-normalised mean of ``h [B, T, D]`` over content tokens, ``[B, D]`` float32.
+def pooled_mean(h: Tensor, mask: Tensor) -> Tensor:
+    """Raw mean of ``h [B, T, D]`` over the positions of ``mask`` (`data.formatting.content_mask`:
+    the pooling definition shared by vectors, MCL, probe and detection), ``[B, D]`` float32.
 
-    Float32 so bf16 streams do not lose the mean's precision before the contrastive loss.
-    A sample with no content tokens yields a zero vector rather than NaN.
+    Float32 so bf16 streams do not lose the mean's precision. A sample with no pooled position
+    yields a zero vector rather than NaN.
     """
     if h.dim() != 3 or tuple(mask.shape) != tuple(h.shape[:2]):
         raise ValueError(f"need h [B,T,D] and mask [B,T], got {tuple(h.shape)}, {mask.shape}")
     weights = mask.to(device=h.device, dtype=torch.float32)
     summed = torch.einsum("btd,bt->bd", h.float(), weights)
-    mean = summed / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return summed / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def sentence_embedding(h: Tensor, mask: Tensor, centre: Tensor | None = None) -> Tensor:
+    """s(.) = L2-normalised ``pooled_mean`` of ``h [B, T, D]``, ``[B, D]`` float32.
+
+    ``centre [B, D]`` or ``[D]`` (optional) is subtracted before normalising: the language
+    vector of each sample's language, so that what is compared is where a sentence sits
+    relative to its language, not the direction shared by all sentences (README, ShifCon).
+    """
+    mean = pooled_mean(h, mask)
+    if centre is not None:
+        mean = mean - centre.detach().to(device=mean.device, dtype=mean.dtype)
     return F.normalize(mean, dim=-1)
 
 
@@ -336,8 +350,19 @@ def mcl_loss(
     dominant_mean_fallback: Tensor | None,
     lang_mean_fallback: Tensor | None,
     tau: float = 1.0,
+    centres: Tensor | None = None,
+    dominant: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Multilingual contrastive loss over the band layers [f, b); returns (mean, per-layer).
+
+    With ``centres [K, Lyr, D]`` (the raw language vectors v^X_l of the band layers; the
+    default of the method): a_i = normalise(mean H_l(e_i) - v^en_l) and
+    p_i = normalise(mean H_l(x_i) - v^X_l). Since the shift adds v^en - v^X at every position,
+    p_i is the shifted target centred on the English mean, the same centre as the anchor: the
+    two are compared where sentences differ, not along the direction every sentence shares.
+    No batch statistics, so any mix of languages in a batch works. The fallbacks are unused.
+
+    Without ``centres`` (the original formulation, kept for ablation):
 
     ``anchor_hidden[j]`` / ``target_hidden[j]`` are the unshifted H_l ``[B, T, D]`` of band
     layer l = f + j for the English sentences e_i and their parallel targets x_i (pair i is row
@@ -364,6 +389,16 @@ def mcl_loss(
     all_en = torch.zeros(batch, dtype=torch.long, device=anchor_hidden[0].device)
     losses = []
     for j, (h_en, h_x) in enumerate(zip(anchor_hidden, target_hidden, strict=True)):
+        if centres is not None:
+            c = centres[:, j].detach().to(device=h_en.device, dtype=torch.float32)
+            ids = target_lang_ids.to(device=h_en.device, dtype=torch.long)
+            a = sentence_embedding(h_en, anchor_mask, c[dominant])
+            p = sentence_embedding(h_x, target_mask, c[ids]).to(a.device)
+            logits = a @ p.t() / tau
+            losses.append(
+                0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+            )
+            continue
         a = sentence_embedding(h_en, anchor_mask)
         s_x = sentence_embedding(h_x, target_mask).to(a.device)
         en_fb = None if dominant_mean_fallback is None else dominant_mean_fallback[j : j + 1]

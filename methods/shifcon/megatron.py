@@ -5,8 +5,8 @@ it runs when the decoder is split into tensor- and pipeline-parallel stages, beh
 generic `MegatronStage` hooks (methods/base.py): the engine never reads ShifCon's config or state.
 
 - Layers f..b are built as `ShifConLayer` through the layer spec (`layer_class_for`), on
-  whichever stage owns them. Every row of a micro-batch carries (role, language, length,
-  micro-batch index) in the block's ``context`` input: megatron's TransformerBlock hands that
+  whichever stage owns them. Every row of a micro-batch carries (role, language, pooled end,
+  micro-batch index, pooled start) in the block's ``context`` input: megatron's TransformerBlock hands that
   tensor to every layer and into activation recomputation, and GPT layer specs have no
   cross-attention that would read it. The shift is therefore a pure function of the layer's
   inputs, and recomputation sees the same shift.
@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
 from config.errors import UserError
-from data.formatting import Batch, Example, collate
+from data.formatting import Batch, Example, collate, content_mask
 from methods.base import MegatronStage, StageContext, StageForward
 from methods.shifcon.math import (
     LanguageStats,
@@ -76,11 +76,28 @@ class ShifConLayer(TransformerLayer):
         return self.shifcon.after_layer(self.layer_number, hidden, context)
 
 
-def row_context(role: int, langs: Tensor, lengths: Tensor, micro: int) -> Tensor:
-    """``[rows, 4]`` long: (role, language id, content length, micro-batch index)."""
+def row_context(
+    role: int, langs: Tensor, lengths: Tensor, micro: int, starts: Tensor | None = None
+) -> Tensor:
+    """``[rows, 5]`` long: (role, language id, pooled end, micro-batch index, pooled start).
+
+    Pooled positions are [start, end) (`data.formatting.content_mask`, the one pooling
+    definition); for LM rows the end is the row's length and the start is unused."""
     n = langs.shape[0]
-    columns = [torch.full((n,), role), langs.cpu(), lengths.cpu(), torch.full((n,), micro)]
+    starts = torch.zeros(n) if starts is None else starts.cpu()
+    columns = [torch.full((n,), role), langs.cpu(), lengths.cpu(), torch.full((n,), micro), starts]
     return torch.stack([c.long() for c in columns], dim=1)
+
+
+def pooled_span(method: ShifCon, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(start, end) per row of the positions the method pools (ablation `pooling: all`: every
+    non-padding position)."""
+    lengths = batch.attention_mask.sum(1)
+    if method.cfg.pooling == "all":
+        return torch.zeros_like(lengths), lengths
+    if batch.spans is None:
+        return torch.ones_like(lengths), lengths
+    return batch.spans[:, 0], torch.minimum(batch.spans[:, 1], lengths)
 
 
 def _pad_to(t: Tensor, width: int, value: int) -> Tensor:
@@ -148,12 +165,12 @@ class ShifConStage(MegatronStage):
         ids = torch.cat(
             [_pad_to(batch.input_ids, width, pad), _pad_to(pair_batch.input_ids, width, pad)]
         )
-        lengths = pair_batch.attention_mask.sum(1)
+        starts, ends = pooled_span(m, pair_batch)
         context = torch.cat(
             [
                 self.lm_rows(batch, micro),
-                row_context(ROLE_ANCHOR, pair_langs[:n], lengths[:n], micro),
-                row_context(ROLE_TARGET, pair_langs[n:], lengths[n:], micro),
+                row_context(ROLE_ANCHOR, pair_langs[:n], ends[:n], micro, starts[:n]),
+                row_context(ROLE_TARGET, pair_langs[n:], ends[n:], micro, starts[n:]),
             ]
         )
         return ids, context
@@ -212,7 +229,7 @@ class ShifConStage(MegatronStage):
                 torch.full_like(context[rows, 1], self.method.dominant),
                 context[rows, 1],
             )
-            target.update(number, h, _content_mask(context[rows, 2], h.shape[1]), langs)
+            target.update(number, h, _content_mask(context[rows], h.shape[1]), langs)
 
     def _contrast(self, number: int, hidden: Tensor, context: Tensor) -> Tensor:
         roles = context[:, 0]
@@ -223,12 +240,14 @@ class ShifConStage(MegatronStage):
         loss, _ = mcl_loss(
             [h_en],
             [h_x],
-            _content_mask(context[anchors, 2], h_en.shape[1]),
-            _content_mask(context[targets, 2], h_x.shape[1]),
+            _content_mask(context[anchors], h_en.shape[1]),
+            _content_mask(context[targets], h_x.shape[1]),
             context[targets, 1],
             means[self.method.dominant, pos : pos + 1].float(),
             means[:, pos : pos + 1].float(),
             tau=self.method.cfg.tau,
+            centres=None if self.method.cfg.pooling == "all" else means[:, pos : pos + 1].float(),
+            dominant=self.method.dominant,
         )
         self.mcl_values[(int(context[0, 3]), number)] = float(loss.detach())
         if not torch.is_grad_enabled():
@@ -247,8 +266,8 @@ class ShifConStage(MegatronStage):
 
     def probe_rows(self, examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
         batch = collate(examples, pad_id, self.method.languages)
-        lengths = batch.attention_mask.sum(1)
-        return batch.input_ids, row_context(ROLE_PROBE, batch.lang_ids, lengths, 0)
+        starts, ends = pooled_span(self.method, batch)
+        return batch.input_ids, row_context(ROLE_PROBE, batch.lang_ids, ends, 0, starts)
 
     def prepare(self, forward: StageForward, examples: Sequence[Example], batch_size: int) -> None:
         """Precompute: the vector samples through the frozen model, unshifted, each DP rank a
@@ -346,5 +365,11 @@ def _is_pair(roles: Tensor) -> Tensor:
     return (roles == ROLE_ANCHOR) | (roles == ROLE_TARGET)
 
 
-def _content_mask(lengths: Tensor, width: int) -> Tensor:
-    return (torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+def _content_mask(context: Tensor, width: int) -> Tensor:
+    """The pooled positions of these rows: [start, end) from columns 4 and 2 of the context,
+    through the shared definition (which never pools position 0 unless asked for `all`)."""
+    ends, starts = context[:, 2], context[:, 4]
+    pos = torch.arange(width, device=context.device).unsqueeze(0)
+    if bool((starts == 0).all()):  # pooling: all (ablation): every non-padding position
+        return (pos < ends.unsqueeze(1)).long()
+    return content_mask((pos < ends.unsqueeze(1)).long(), starts, ends)

@@ -1,6 +1,6 @@
 """ShifCon on a Hugging Face decoder: hooks that shift, capture and truncate, and the method.
 
-The math lives in `model/shifcon_math.py`; this file only decides where it runs. Hooks sit on
+The math lives in `methods/shifcon/math.py`; this file only decides where it runs. Hooks sit on
 decoder layers f..b and read two call keyword arguments that transformers forwards to every
 decoder layer:
 
@@ -28,15 +28,17 @@ from torch import nn
 
 from config.errors import UserError
 from data.batching import even_rounds
-from data.formatting import Batch, Example, collate
+from data.formatting import Batch, Example, chat_prompt_ids, collate, content_span
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
+from methods.shifcon.detect import DETECTOR_FILE, LinearDetector
 from methods.shifcon.math import (
     LanguageStats,
     all_reduce_,
     check_band,
     combine_losses,
     mcl_loss,
+    pooled_mean,
     shift_backward,
     shift_toward,
 )
@@ -121,15 +123,25 @@ def capture_hidden(
     return capture  # type: ignore[return-value]
 
 
+def sentence_example(tokenizer, text: str, max_length: int) -> Example:
+    """A parallel sentence as a user message in the chat template, as in training and inference
+    (so the aligned states are the ones the shift acts on), pooled over the sentence's own
+    tokens (`content_span`) like the vectors. Too long: the sentence is cut, the template kept."""
+    ids = chat_prompt_ids(tokenizer, text)
+    start, end = content_span(tokenizer, text)
+    if len(ids) > max_length:
+        keep_end = max(end - (len(ids) - max_length), start + 1)
+        ids = (ids[:keep_end] + ids[end:])[:max_length]
+        end = min(keep_end, len(ids))
+    return Example(ids, ids, "", "", span=(start, end))
+
+
 def pad_pairs(
     pairs: Sequence[Pair], tokenizer, max_length: int, lang_index: dict[str, int], dominant: int
 ) -> tuple[Batch, torch.Tensor]:
     """One batch: the dominant-language sentences (rows 0..B-1), then their targets."""
     texts = [p.en for p in pairs] + [p.target for p in pairs]
-    examples = [
-        Example(ids, ids, "", "")
-        for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ]
+    examples = [sentence_example(tokenizer, text, max_length) for text in texts]
     batch = collate(examples, tokenizer.pad_token_id, [""])
     lang_ids = torch.tensor(
         [dominant] * len(pairs) + [lang_index[p.lang] for p in pairs], dtype=torch.long
@@ -172,6 +184,7 @@ class ShifCon(Method):
             [] if self.band is None else list(range(self.band[0], self.band[1] + 1))
         )
         self.probe_result = None  # ProbeResult when the band was chosen by the probe
+        self.detector: LinearDetector | None = None  # fitted with the vectors (`prepare`)
         self.stats: LanguageStats | None = None
         self.calls = 0  # contrastive batches drawn so far (resumable pair order)
         self.hooks: ShifConHooks | None = None
@@ -206,7 +219,7 @@ class ShifCon(Method):
         from methods.shifcon.probe import build_inputs, run_probe
 
         n = self.cfg.probe_samples
-        samples = [(ex.lang, ex.input_ids) for ex in examples]
+        samples = [(ex.lang, ex.input_ids, self._span(ex)) for ex in examples]
         tok = self.tokenizer
         limit = self.cfg.pairs.max_length
         taken: dict[str, int] = {}
@@ -214,8 +227,8 @@ class ShifCon(Method):
         for p in self.pairs:  # tokenise only the pairs the probe uses
             if taken.get(p.lang, 0) < n:
                 taken[p.lang] = taken.get(p.lang, 0) + 1
-                ids = tok([p.en, p.target], truncation=True, max_length=limit)["input_ids"]
-                pairs.append((p.lang, ids[0], ids[1]))
+                en, x = (sentence_example(tok, t, limit) for t in (p.en, p.target))
+                pairs.append((p.lang, en.input_ids, x.input_ids, self._span(en), self._span(x)))
         try:
             inputs = build_inputs(self.languages, samples, pairs, n)
         except ValueError as exc:
@@ -243,19 +256,38 @@ class ShifCon(Method):
         batches = self.vector_batches(examples, batch_size)
         hidden = self.config_owner.config.hidden_size
         stats = LanguageStats.zeros(self.languages, self.layers, hidden, device=self.device)
+        # Detector features: pooled H_f of every vector sample, [rounds * batch, D + 1] (the
+        # last column: language id, -1 for unused rows), gathered from all ranks at the end.
+        rounds = -(-len(batches) // world)
+        feats = torch.full((rounds * batch_size, hidden + 1), -1.0, device=self.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for group, filler in even_rounds(batches, rank, world):
+            for r, (group, filler) in enumerate(even_rounds(batches, rank, world)):
                 batch = collate(group, self.tokenizer.pad_token_id, self.languages)
                 batch = batch.to(device_of(model))
                 captured = capture_hidden(model, self.config_owner, batch, self.layers)
                 if not filler:
+                    mask = self.pool_mask(batch)
                     for layer, h in captured.items():
-                        stats.update(layer, h, batch.attention_mask, batch.lang_ids)
+                        stats.update(layer, h, mask, batch.lang_ids)
+                    rows = slice(r * batch_size, r * batch_size + len(group))
+                    feats[rows, :hidden] = pooled_mean(captured[self.band[0]], mask).to(feats)
+                    feats[rows, hidden] = batch.lang_ids.to(feats)
         model.train(was_training)
         self.stats = all_reduce_(stats)
         self.hooks.set_vectors(self.stats)
+        self._fit_detector(feats, world)
+
+    def _fit_detector(self, feats: torch.Tensor, world: int) -> None:
+        """The `linear` language detector on the vector samples' pooled H_f (identical on
+        every rank: the features of all ranks are gathered first)."""
+        if world > 1:
+            parts = [torch.empty_like(feats) for _ in range(world)]
+            torch.distributed.all_gather(parts, feats)
+            feats = torch.cat(parts)
+        feats = feats[feats[:, -1] >= 0].cpu()
+        self.detector = LinearDetector.fit(feats[:, :-1], feats[:, -1].long(), len(self.languages))
 
     def vector_batches(self, examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
         """The first `vector_samples` training samples of every language, in batches: what the
@@ -269,6 +301,16 @@ class ShifCon(Method):
             raise UserError(f"method.vector_samples: no training samples for {empty}")
         chosen = [ex for lang in self.languages for ex in per_lang[lang]]
         return [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+
+    def _span(self, ex: Example) -> tuple[int, int]:
+        if self.cfg.pooling == "all":
+            return (0, len(ex))
+        return ex.span or (1, len(ex))
+
+    def pool_mask(self, batch: Batch) -> torch.Tensor:
+        """The positions vectors and embeddings average over (`data.formatting.content_mask`);
+        `method.pooling: all` is the original every-token mean, kept for ablation."""
+        return batch.attention_mask if self.cfg.pooling == "all" else batch.pool_mask()
 
     def metrics(self) -> dict[str, float]:
         return self.shift_norms() if self.stats is not None else {}
@@ -312,9 +354,10 @@ class ShifCon(Method):
             model, self.config_owner, batch, list(range(f, self.capture_depth() + 1))
         )
         n = len(pairs)
-        mask = batch.attention_mask
+        mask = self.pool_mask(batch)
         means = self.stats.means()
         band_rows = [self.stats.layer_index(layer) for layer in range(f, b)]
+        legacy = self.cfg.pooling == "all"
         loss, per_layer = mcl_loss(
             [captured[layer][:n] for layer in range(f, b)],
             [captured[layer][n:] for layer in range(f, b)],
@@ -324,6 +367,8 @@ class ShifCon(Method):
             means[self.dominant, band_rows].float(),
             means[:, band_rows].float(),
             tau=self.cfg.tau,
+            centres=None if legacy else means[:, band_rows].float(),
+            dominant=self.dominant,
         )
         if self.cfg.vector_mode == "running":
             delta = self.stats.zeros_like()
@@ -349,10 +394,13 @@ class ShifCon(Method):
             "calls": self.calls,
             "stats": self.stats.state_dict() if self.stats else None,
             "band": list(self.band) if self.band else None,
+            "detector": self.detector.state_dict() if self.detector else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state.get("calls", 0)
+        if state.get("detector") is not None:
+            self.detector = LinearDetector(**state["detector"])
         if self.band is None and state.get("band") is not None:
             self._set_band(tuple(state["band"]))
         if state.get("stats") is not None:
@@ -362,6 +410,8 @@ class ShifCon(Method):
 
     def export(self, directory: Path) -> None:
         save_shifcon(directory, self.stats, self.band, self.cfg.vector_mode)
+        if self.detector is not None:
+            self.detector.save(directory)
         if self.probe_result is not None:
             self.probe_result.save(directory)
 
@@ -369,7 +419,7 @@ class ShifCon(Method):
         from methods.shifcon.probe import PLOT_FILE, PROBE_FILE
 
         files = [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
-        extra = [Path(export_dir) / PROBE_FILE, Path(export_dir) / PLOT_FILE]
+        extra = [Path(export_dir) / name for name in (PROBE_FILE, PLOT_FILE, DETECTOR_FILE)]
         return files + [p for p in extra if p.is_file()]
 
 

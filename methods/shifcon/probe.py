@@ -2,7 +2,7 @@
 
 Runs a backbone over multilingual probe samples, accumulates per-layer language means of the
 raw residual stream with `LanguageStats` (one all-reduce when distributed), computes the
-subspace distance per layer (`model/subspace.py`; this project's own metric, see DESIGN.md),
+subspace distance per layer (`methods/subspace.py`; this project's own metric, see docs/methods.md),
 chooses the band with `select_band`, and scores each layer by nearest-centroid language
 identification (held-out samples) and bitext retrieval (parallel pairs).
 
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from data.batching import even_rounds
-from data.formatting import right_pad
-from methods.shifcon.math import LanguageStats, all_reduce_
+from data.formatting import content_mask, right_pad
+from methods.shifcon.math import LanguageStats, all_reduce_, pooled_mean
 from methods.subspace import (
     bitext_retrieval_accuracy,
     language_id_accuracy,
@@ -39,7 +39,8 @@ PROBE_FILE = "probe.json"
 PLOT_FILE = "probe.png"
 DEFINITION = (
     "Our own metric (the ShifCon paper's exact formula was not available): per layer l, the "
-    "language means v^X_l (token means of the raw residual stream H_l over content tokens) are "
+    "language means v^X_l (token means of the raw residual stream H_l over content tokens: the "
+    "instruction's own tokens, no first position, no chat template) are "
     "centred; a rank-(K-1) SVD gives the language-specific basis U; "
     "d_l(X) = ||U^T (v^X_l - v^en_l)|| / ||v^en_l||. The band is the longest contiguous run of "
     "layers (excluding layer 1 and layer L) whose mean distance over the non-dominant languages "
@@ -60,47 +61,64 @@ class ProbeInputs:
 
     languages: list[str]  # dominant first
     sequences: list[list[int]] = field(default_factory=list)
+    # [start, end) pooled per sequence (`data.formatting.content_mask`: the one pooling
+    # definition; default every position but the first)
+    spans: list[tuple[int, int]] = field(default_factory=list)
     samples: list[tuple[int, int]] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
     _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
 
-    def _seq(self, ids: Sequence[int]) -> int:
+    def _seq(self, ids: Sequence[int], span: tuple[int, int] | None = None) -> int:
         key = tuple(int(i) for i in ids)
         if not key:
             raise ValueError("probe: an empty token sequence")
         if key not in self._index:
             self._index[key] = len(self.sequences)
             self.sequences.append(list(key))
+            self.spans.append(tuple(span) if span is not None else (1, len(key)))
         return self._index[key]
 
-    def add_sample(self, lang: str, ids: Sequence[int]) -> None:
-        self.samples.append((self._seq(ids), self.languages.index(lang)))
+    def add_sample(
+        self, lang: str, ids: Sequence[int], span: tuple[int, int] | None = None
+    ) -> None:
+        self.samples.append((self._seq(ids, span), self.languages.index(lang)))
 
-    def add_pair(self, lang: str, en_ids: Sequence[int], target_ids: Sequence[int]) -> None:
-        self.pairs.append((self._seq(en_ids), self._seq(target_ids), self.languages.index(lang)))
+    def add_pair(
+        self,
+        lang: str,
+        en_ids: Sequence[int],
+        target_ids: Sequence[int],
+        en_span: tuple[int, int] | None = None,
+        target_span: tuple[int, int] | None = None,
+    ) -> None:
+        en, target = self._seq(en_ids, en_span), self._seq(target_ids, target_span)
+        self.pairs.append((en, target, self.languages.index(lang)))
 
 
 def build_inputs(
     languages: Sequence[str],
-    samples: Sequence[tuple[str, Sequence[int]]],
-    pairs: Sequence[tuple[str, Sequence[int], Sequence[int]]],
+    samples: Sequence[tuple],
+    pairs: Sequence[tuple],
     per_language: int,
 ) -> ProbeInputs:
-    """The first ``per_language`` samples (and pairs) of every language, in a fixed order."""
+    """The first ``per_language`` samples (and pairs) of every language, in a fixed order.
+
+    ``samples``: (lang, ids[, span]); ``pairs``: (lang, en ids, target ids[, en span, target
+    span]); spans as in `ProbeInputs.spans`."""
     inputs = ProbeInputs(list(languages))
     taken = dict.fromkeys(languages, 0)
-    for lang, ids in samples:
+    for lang, ids, *span in samples:
         if lang in taken and taken[lang] < per_language:
             taken[lang] += 1
-            inputs.add_sample(lang, ids)
+            inputs.add_sample(lang, ids, *span)
     missing = [lang for lang, n in taken.items() if n == 0]
     if missing:
         raise ValueError(f"probe: no samples for language(s) {missing}")
     taken = dict.fromkeys(languages[1:], 0)
-    for lang, en_ids, target_ids in pairs:
+    for lang, en_ids, target_ids, *spans in pairs:
         if lang in taken and taken[lang] < per_language:
             taken[lang] += 1
-            inputs.add_pair(lang, en_ids, target_ids)
+            inputs.add_pair(lang, en_ids, target_ids, *spans)
     return inputs
 
 
@@ -184,12 +202,14 @@ def run_probe(
                 continue  # a filler forward: ZeRO-3 gathers are collectives
             lang = seq_lang[idx].to(device)
             counted = (lang >= 0).to(mask.dtype)
-            weights = mask.float()
+            span = torch.tensor([inputs.spans[i] for i in idx], device=device)
+            pool = content_mask(mask, span[:, 0], span[:, 1])
+            if bool((span[:, 0] == 0).all()):  # method.pooling: all (ablation)
+                pool = mask
             for j, layer in enumerate(layers):
                 h = store[layer]
-                stats.update(layer, h, mask * counted[:, None], lang.clamp(min=0))
-                summed = torch.einsum("btd,bt->bd", h.float(), weights)
-                pooled[torch.tensor(idx, device=device), j] = summed / weights.sum(1, keepdim=True)
+                stats.update(layer, h, pool * counted[:, None], lang.clamp(min=0))
+                pooled[torch.tensor(idx, device=device), j] = pooled_mean(h, pool)
     model.train(was_training)
     all_reduce_(stats)
     if world > 1:

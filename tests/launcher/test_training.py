@@ -14,12 +14,36 @@ from tests.helpers.runs import summary, train, weights
 pytestmark = pytest.mark.slow  # every test here runs the launcher in fresh processes
 
 
-def test_two_process_zero3_learns_and_partitions(tmp_path, tiny_model_dir):
+DP2_STEPS = 8
+TRACKING = {
+    "enabled": True,
+    "experiment": "training-e2e",
+    "registered_model_name": "tiny-e2e",
+}
+
+
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory, tiny_model_dir, mlflow_server):
+    """One 2-worker ZeRO-3 run, tracked: the partitioning and the tracking tests both read it
+    (a 2-worker launch is mostly process start-up)."""
+    tmp = tmp_path_factory.mktemp("dp2")
+    env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     proc, run = train(
-        tmp_path, tiny_model_dir, "dp2", "cluster.workers_per_node=2", "training.steps=8"
+        tmp,
+        tiny_model_dir,
+        "dp2",
+        "cluster.workers_per_node=2",
+        f"training.steps={DP2_STEPS}",
+        "checkpoint.every=4",
+        env=env,
+        tracking={**TRACKING, "tracking_uri": mlflow_server},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    s = summary(run)
+    return run
+
+
+def test_two_process_zero3_learns_and_partitions(dp2_run):
+    s = summary(dp2_run)
     assert s["world_size"] == 2
     # ZeRO-3: each rank stores a shard (about half, padded), never the whole model.
     total, shards = s["param_total"], s["param_shards"]
@@ -105,27 +129,10 @@ def test_accumulation_and_checkpointing_match_one_big_batch(tmp_path, tiny_model
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
 
 
-def test_two_worker_run_is_tracked_from_rank0_only(tmp_path, tiny_model_dir, mlflow_server):
+def test_two_worker_run_is_tracked_from_rank0_only(dp2_run, mlflow_server):
     from mlflow import MlflowClient
 
-    tracking = {
-        "enabled": True,
-        "tracking_uri": mlflow_server,
-        "experiment": "training-e2e",
-        "registered_model_name": "tiny-e2e",
-    }
-    env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    proc, run = train(
-        tmp_path,
-        tiny_model_dir,
-        "tracked",
-        "cluster.workers_per_node=2",
-        "training.steps=4",
-        "checkpoint.every=2",
-        env=env,
-        tracking=tracking,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = dp2_run
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("training-e2e")
     runs = client.search_runs([experiment.experiment_id])
@@ -133,10 +140,10 @@ def test_two_worker_run_is_tracked_from_rank0_only(tmp_path, tiny_model_dir, mlf
     mlrun = runs[0]
     assert mlrun.info.run_id == json.loads((run / "run.json").read_text())["mlflow_run_id"]
     params = mlrun.data.params
-    assert params["training.steps"] == "4" and params["cluster.workers_per_node"] == "2"
+    assert params["training.steps"] == str(DP2_STEPS) and params["cluster.workers_per_node"] == "2"
     assert params["method.name"] == "sft"
     history = client.get_metric_history(mlrun.info.run_id, "train/loss")
-    assert [m.step for m in history] == [1, 2, 3, 4]  # each step logged once
+    assert [m.step for m in history] == list(range(1, DP2_STEPS + 1))  # each step logged once
     for key in (
         "train/lr",
         "train/grad_norm",
@@ -147,7 +154,7 @@ def test_two_worker_run_is_tracked_from_rank0_only(tmp_path, tiny_model_dir, mlf
     ):
         assert key in mlrun.data.metrics, key
     assert any(key.startswith("system/") for key in mlrun.data.metrics)
-    assert mlrun.data.tags["checkpoint.latest"].endswith("step_00000004")
+    assert mlrun.data.tags["checkpoint.latest"].endswith(f"step_{DP2_STEPS:08d}")
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"recipe.yaml", "engine_config.json", "eval"} <= artifacts
     versions = client.search_model_versions("name='tiny-e2e'")
