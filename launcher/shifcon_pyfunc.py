@@ -33,7 +33,9 @@ class ShiftedPyfunc(PythonModel):
         dtype = getattr(torch, str(config.get("dtype", "float32")))
         self.lm = ShiftedLM.from_export(context.artifacts["export"], dtype=dtype)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None):
+    def predict(self, context, model_input, params=None):
+        """``model_input``: a DataFrame (or rows) of ``prompt`` [+ ``lang``]. No type hints:
+        MLflow would read them as an input schema besides the logged signature (and warn)."""
         import pandas as pd
 
         params = params or {}

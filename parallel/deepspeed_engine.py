@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,6 @@ from model.backbone import ResolvedBackbone, load_causal_lm
 from parallel.distributed import DistContext, all_reduce_sum_
 from parallel.ds_config import build_deepspeed_config, resolve_precision
 from parallel.engine import DecodeState, Engine, StepResult
-
-_HELD = -1  # a pseudo sub-module id: "in use" for ZeRO-3's release check (module ids are >= 0)
 
 
 class DeepSpeedEngine(Engine):
@@ -93,37 +91,23 @@ class DeepSpeedEngine(Engine):
     # -- cached generation ------------------------------------------------------------------
 
     def prefill(self, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, DecodeState]:
-        """ZeRO-3 on one rank: the weights stay gathered for the whole decode (see
-        `_whole_weights`); on more ranks each layer is gathered and freed at every step, as in
-        any ZeRO-3 forward (the memory-safe path for a partitioned model)."""
+        """ZeRO-3 on one rank: DeepSpeed's ``unwrap_model_for_generation`` for the whole decode
+        (every weight gathered once and ZeRO's per-module hooks off: what TRL generates with),
+        instead of gathering and freeing each layer and running the hooks at every token; on
+        one rank the partition is the whole model already, so only the working copy is extra.
+        On more ranks each layer is gathered and freed per step, as in any ZeRO-3 forward
+        (the memory-safe path for a model that does not fit one device)."""
+        if not (self.zero_stage == 3 and self.ctx.world_size == 1):
+            return super().prefill(batch, max_new_tokens)
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
         held = ExitStack()
-        if self.zero_stage == 3 and self.ctx.world_size == 1:
-            held.enter_context(self._whole_weights())
+        held.enter_context(unwrap_model_for_generation(self.ds))
         try:
-            logits, state = super().prefill(batch, max_new_tokens)
+            return self._hf_prefill(batch, self.module, held)
         except BaseException:
             held.close()
             raise
-        state.held.enter_context(held)
-        return logits, state
-
-    @contextmanager
-    def _whole_weights(self) -> Iterator[None]:
-        """Every weight gathered once, instead of every layer gathered and freed per token: what
-        DeepSpeed's hybrid engine does for generation (``gather_all_layers``). On one rank the
-        partition is the whole model already, so only the working copy is extra. A held entry
-        in ``ds_active_sub_modules`` keeps the forward hooks from freeing them mid-decode."""
-        import deepspeed
-
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params):
-            for p in params:
-                p.ds_active_sub_modules.add(_HELD)
-            try:
-                yield
-            finally:
-                for p in params:
-                    p.ds_active_sub_modules.discard(_HELD)
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.module.parameters())

@@ -36,6 +36,7 @@ class DecodeState:
     cache: Any = None
     steps: int = 0  # decode steps run so far
     held: ExitStack = field(default_factory=ExitStack)  # what the engine holds until the end
+    module: Any = None  # what the HF decode runs (default: the engine's forward module)
 
     def positions(self, width: int) -> torch.Tensor:
         """``[B, width]`` position ids of the last ``width`` slots (content tokens counted)."""
@@ -119,13 +120,29 @@ class Engine(ABC):
         Default: the Hugging Face forward module with a ``DynamicCache``, through the method's
         forward (``Method.logits``), so ShifCon's shift is on for the prompt and every
         generated token (its hooks shift each call's new positions)."""
+        return self._hf_prefill(batch, self.forward_module)
+
+    def _hf_prefill(
+        self, batch: Batch, module: torch.nn.Module, held: ExitStack | None = None
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """`prefill` through ``module``; ``held`` (released by `end_decode`) is what the
+        engine keeps for this decode, e.g. gathered weights."""
         from transformers import DynamicCache
 
         device = self.ctx.torch_device
         state = DecodeState(
-            batch.attention_mask.to(device), batch.lang_ids.to(device), DynamicCache()
+            batch.attention_mask.to(device),
+            batch.lang_ids.to(device),
+            DynamicCache(),
+            module=module,
         )
-        return self._cached_forward(state, batch.input_ids.to(device)), state
+        if held is not None:
+            state.held.enter_context(held)
+        try:
+            return self._cached_forward(state, batch.input_ids.to(device)), state
+        except BaseException:
+            state.held.close()
+            raise
 
     @torch.no_grad()
     def decode(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,7 +156,7 @@ class Engine(ABC):
         state.cache = None
 
     def _cached_forward(self, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
-        module = self.forward_module
+        module = state.module if state.module is not None else self.forward_module
         extra = {
             "cache": state.cache,
             "use_cache": True,
