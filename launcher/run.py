@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.run_lock import run_dir_lock
 
     mode = choose_launcher(recipe.cluster)  # a worker already (RANK set), Ray, or local
-    # The job's driver (or, under torchrun, its rank 0) holds the run directory.
-    holds_lock = mode != "worker" or os.environ.get("RANK", "0") == "0"
+    # The job's driver holds the run directory; of processes started as workers (torchrun,
+    # srun: RANK set), rank 0 does.
+    holds_lock = os.environ.get("RANK", "0") == "0"
     try:
         with run_dir_lock(run_dir) if holds_lock else contextlib.nullcontext():
             (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")

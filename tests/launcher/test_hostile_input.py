@@ -57,3 +57,19 @@ def test_credentials_in_uris_are_redacted():
     )
     assert redact("s3://bucket/x?token=abc123&region=eu") == "s3://bucket/x?token=***&region=eu"
     assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_only_rank_0_of_a_worker_group_takes_the_lock(tmp_path, monkeypatch, capsys):
+    """torchrun starts run.py once per rank: rank 1 must not be refused by rank 0's lock."""
+    path, run_dir = _recipe(tmp_path)
+    run_dir.mkdir(parents=True)
+    monkeypatch.setenv("RANK", "1")
+    called = []
+    monkeypatch.setattr("launcher.run._launch", lambda mode, recipe, d: called.append(mode))
+    with run_dir_lock(run_dir):  # rank 0 of the same job
+        assert run_main([str(path)]) == 0
+    assert called == ["inprocess"]
+    monkeypatch.setenv("RANK", "0")
+    with run_dir_lock(run_dir):  # a second job's rank 0
+        assert run_main([str(path)]) == 2
+    assert "is in use" in capsys.readouterr().err
