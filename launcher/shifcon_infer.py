@@ -15,7 +15,7 @@ from pathlib import Path
 
 from config.errors import UserError
 from methods.shifcon.detect import DETECTORS
-from methods.shifcon.infer import ShiftedLM, detection_accuracy
+from methods.shifcon.infer import ShiftedLM, detection_accuracies
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,8 +80,8 @@ def detect_eval(args, export: str) -> int:
     sources = detection_sources(args, lm.languages)
     table = {}
     for name, rows in sources.items():
-        for det in detectors:
-            table[(name, det)] = detection_accuracy(lm, rows, detector=det)
+        for det, accs in detection_accuracies(lm, rows, detectors).items():
+            table[(name, det)] = accs
     print(format_detection_table(table, sources, detectors, lm.languages))
     return 0
 

@@ -95,9 +95,12 @@ class ShiftedLM:
             if self._text_id is None:
                 self._text_id = TextLanguageID(self.languages)
             return self._text_id(prompts)
+        return self.classify_features(self.prompt_features(prompts, system_prompt), detector)
+
+    def classify_features(self, features: torch.Tensor, detector: str) -> list[str]:
+        """Languages of pooled H_f features by the linear detector or the nearest vector."""
         if detector == "linear" and self.detector is None:
             raise ValueError("this export has no linear detector (trained before it existed)")
-        features = self.prompt_features(prompts, system_prompt)
         if detector == "linear":
             found = self.detector.predict(features)
         else:
@@ -151,6 +154,36 @@ class ShiftedLM:
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
+
+
+def detection_accuracies(
+    lm: ShiftedLM, rows: Sequence[dict], detectors: Sequence[str], batch_size: int = 16
+) -> dict[str, dict[str, float]]:
+    """{detector: per-language accuracy}; the model's features are computed once for all."""
+    rows = [r for r in rows if r["lang"] in lm.languages]
+    texts = [r["instruction"] for r in rows]
+    found: dict[str, list[str]] = {}
+    if any(d != "langid" for d in detectors):
+        feats = torch.cat(
+            [
+                lm.prompt_features(texts[i : i + batch_size])
+                for i in range(0, len(texts), batch_size)
+            ]
+        )
+    for det in detectors:
+        if det == "langid":
+            found[det] = lm.detect(texts, detector="langid")
+        else:
+            found[det] = lm.classify_features(feats, det)
+    out = {}
+    for det, langs in found.items():
+        hits: Counter[str] = Counter()
+        totals: Counter[str] = Counter()
+        for row, lang in zip(rows, langs, strict=True):
+            totals[row["lang"]] += 1
+            hits[row["lang"]] += lang == row["lang"]
+        out[det] = {lang: hits[lang] / totals[lang] for lang in lm.languages if totals[lang]}
+    return out
 
 
 def detection_accuracy(
