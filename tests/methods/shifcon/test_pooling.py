@@ -24,7 +24,7 @@ from config.schema import DataSection, DataSource, ShifConMethod
 from data.formatting import chat_prompt_ids, content_span
 from data.pipeline import build_run_data
 from methods.shifcon.detect import LinearDetector
-from methods.shifcon.infer import ShiftedLM, detection_accuracy
+from methods.shifcon.infer import ShiftedLM, detection_accuracies, detection_accuracy
 from methods.shifcon.method import ShifCon
 from tests.helpers.tiny import make_tiny_llama
 
@@ -146,6 +146,8 @@ def test_detection_on_separable_languages(sink_model, tmp_path):
         accs[pooling] = {
             det: detection_accuracy(lm, held, detector=det) for det in ("centroid", "linear")
         }
+        # detect-eval's path (features once for every detector) gives the same numbers
+        assert detection_accuracies(lm, held, ["centroid", "linear"]) == accs[pooling]
         if pooling == "content":
             method.export(tmp_path)
             loaded = LinearDetector.load(tmp_path)
