@@ -7,7 +7,6 @@ Every rank must call `record` (prefill and decode are collectives); rank 0's dic
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,17 +118,10 @@ def check_record(rec: dict[str, Any], export: Path, langs: list[str]) -> None:
 
 
 def engine_generation(run_dir: Path, workdir: Path) -> dict:
-    """Run this module in a fresh interpreter (DeepSpeed state stays out of the test process)."""
-    from tests.helpers.runs import clean_env
+    """Run this module in a fresh interpreter and load what it saved."""
+    from tests.helpers.runs import run_session_helper
 
-    out = workdir / "engine_generation.pt"
-    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.engine_generation", str(run_dir), str(out)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    return run_session_helper("tests.helpers.engine_generation", run_dir, workdir)
 
 
 def main(run_dir: str, out: str) -> None:

@@ -6,7 +6,6 @@ leaks into the test process that loads the export with plain transformers.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,16 +18,9 @@ from launcher.loop import open_session
 
 def engine_logits(run_dir: Path, workdir: Path) -> dict:
     """Run this module in a fresh interpreter and load what it saved."""
-    out = workdir / "engine_logits.pt"
-    from tests.helpers.runs import clean_env
+    from tests.helpers.runs import run_session_helper
 
-    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.engine_logits", str(run_dir), str(out)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    return run_session_helper("tests.helpers.engine_logits", run_dir, workdir)
 
 
 def main(run_dir: str, out: str) -> None:

@@ -107,3 +107,16 @@ def run_data(tokenizer):
         eval_samples_per_language=4,
     )
     return build_run_data(section, tokenizer)
+
+
+def run_session_helper(module: str, run_dir: Path, workdir: Path, timeout: int = 300):
+    """``python -m <module> RUN_DIR OUT.pt`` in a fresh interpreter (DeepSpeed's global state
+    stays out of the test process); returns what it saved (tensors and plain values only)."""
+    out = workdir / f"{module.rsplit('.', 1)[-1]}.pt"
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, str(run_dir), str(out)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
