@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.polyshift-installed
 RECIPE ?= recipes/demo_smollm2.yaml
 RECIPE_ARGS ?=
 
-.PHONY: setup demo test lint format clean slurm-setup
+.PHONY: setup demo test test-fast lint format clean slurm-setup
 
 setup: $(STAMP)
 
@@ -24,10 +24,20 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) launcher/run.py $(RECIPE) $(RECIPE_ARGS)
 
+# Everything, as CI runs it: Slurm, Ray, MLflow servers and the 2-process jobs included. Two
+# xdist workers, whole files each (module fixtures are built once), longest files first
+# (tests/conftest.py LONGEST_FIRST); one MLflow server for both. Most of the suite's time is
+# process start-up and waiting on clusters, so two workers overlap well on 2 cores.
+TEST_WORKERS ?= 2
 test: setup slurm-setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
-# A local single-node Slurm for tests/test_slurm.py: installed when missing (root + apt);
+# Unit tests only: no subprocess, no server, no cluster (conftest.py fails a test that starts a
+# process without @pytest.mark.slow). Under 2 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+# A local single-node Slurm for tests/cluster/test_slurm.py: installed when missing (root + apt);
 # without root the Slurm tests say why they skip, and everything else still runs.
 slurm-setup:
 	@if [ "$$(id -u)" = 0 ]; then bash cluster/slurm/local_slurm.sh install; \

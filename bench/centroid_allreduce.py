@@ -119,14 +119,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out) -> 
 
 def _step_times(reps: int, batch: int, length: int) -> list[float]:
     """Forward+backward+AdamW step of SmolLM2-135M on batch x length tokens (first dropped)."""
-    from transformers import AutoModelForCausalLM
-
-    from config.schema import ModelSection
-    from model.backbone import resolve_backbone
+    from bench.common import real_model
 
     torch.set_num_threads(min(2, cores()))
-    path = resolve_backbone(ModelSection()).path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, _ = real_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     ids = torch.randint(0, model.config.vocab_size, (batch, length))
     out = []

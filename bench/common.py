@@ -9,6 +9,7 @@ fp32 AdamW step over 135M parameters), so a bench of ~20 steps stays within a fe
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import tempfile
@@ -73,3 +74,39 @@ def same_length_batch(session, size: int) -> list[int]:
     """Indices of `size` training examples of the longest kind (fixed shape every repetition)."""
     lengths = [len(e) for e in session.data.train]
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])[:size]
+
+
+def bench_parser(
+    doc: str, *, reps: int, warmup: int = 1, warmup_help: str | None = None
+) -> argparse.ArgumentParser:
+    """The options every timed bench takes: repetitions, untimed warm-up rounds, threads."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, int]:
+    """Parsed arguments and the torch thread count set from ``--threads``."""
+    from bench.timing import set_threads
+
+    args = parser.parse_args()
+    return args, set_threads(args.threads)
+
+
+def real_model() -> tuple[Any, Any]:
+    """The embedded SmolLM2-135M-Instruct in fp32 (eval mode) and its tokenizer, padded by EOS
+    where it has no pad token: the real backbone every model-level bench measures."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from config.schema import ModelSection
+    from model.backbone import resolve_backbone
+
+    path = resolve_backbone(ModelSection()).path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -11,31 +11,15 @@ loss on it. Target: ours/bare <= 1.05.
 
 from __future__ import annotations
 
-import argparse
-
-from bench.common import open_bench_session, same_length_batch
-from bench.timing import (
-    best_ratio,
-    fmt_ratio,
-    fmt_times,
-    header,
-    interleave,
-    median_spread,
-    ratios,
-    set_threads,
-    spread_warning,
-)
+from bench import timing
+from bench.common import bench_parser, open_bench_session, parse_bench_args, same_length_batch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = bench_parser(__doc__, reps=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
     import deepspeed
     import torch
@@ -88,17 +72,19 @@ def main() -> None:
     def step_ours() -> None:
         engine.train_step(micro, 1e-6)
 
-    print(header("engine_overhead: SmolLM2-135M, DeepSpeed ZeRO-3, 1 process, fp32", threads))
+    print(
+        timing.header("engine_overhead: SmolLM2-135M, DeepSpeed ZeRO-3, 1 process, fp32", threads)
+    )
     print(f"# batch {tuple(batch.input_ids.shape)}; same loss checked ({ours_l.item():.4f}); "
           f"{args.reps} reps after {args.warmup} warm-up, interleaved")  # fmt: skip
-    timings = interleave({"bare": step_bare, "ours": step_ours}, args.reps, args.warmup)
-    r = ratios(timings["ours"], timings["bare"])
+    timings = timing.interleave({"bare": step_bare, "ours": step_ours}, args.reps, args.warmup)
+    r = timing.ratios(timings["ours"], timings["bare"])
     for name, values in timings.times.items():
-        print(f"{name:5s} step: {fmt_times(values)}")
-    med = median_spread(r)[0]
-    best = best_ratio(timings["ours"], timings["bare"])
-    print(f"ours / bare: {fmt_ratio(r)}; best-of-{args.reps} ratio {best:.3f}")
-    if w := spread_warning(r, "ours/bare"):
+        print(f"{name:5s} step: {timing.fmt_times(values)}")
+    med = timing.median_spread(r)[0]
+    best = timing.best_ratio(timings["ours"], timings["bare"])
+    print(f"ours / bare: {timing.fmt_ratio(r)}; best-of-{args.reps} ratio {best:.3f}")
+    if w := timing.spread_warning(r, "ours/bare"):
         print(w)
     print(f"SUMMARY engine_overhead: ours/bare {med:.3f} [{min(r):.3f}-{max(r):.3f}] "
           f"(target <= 1.05) {'OK' if med <= 1.05 else 'OVER'}; best-of ratio {best:.3f} "

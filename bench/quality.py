@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        from tests.tiny import make_tiny_llama
+        from tests.helpers.tiny import make_tiny_llama
 
         args.backbone = str(make_tiny_llama(out / "tiny_model", layers=4, hidden=64))
         args.band = "1,3"

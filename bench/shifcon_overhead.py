@@ -23,35 +23,20 @@ second is the one the FLOP bound predicts, and the one the target (within 10%) i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
-from bench.common import open_bench_session, same_length_batch
-from bench.timing import (
-    best_ratio,
-    fmt_ratio,
-    fmt_times,
-    header,
-    interleave,
-    median_spread,
-    ratios,
-    set_threads,
-    spread_warning,
-)
+from bench import timing
+from bench.common import bench_parser, open_bench_session, parse_bench_args, same_length_batch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = bench_parser(__doc__, reps=5)
     parser.add_argument("--batch", type=int, default=4, help="LM sequences per step")
     parser.add_argument("--max-length", type=int, default=64, help="LM sequence length cap")
     parser.add_argument("--mcl-batch", type=int, default=4, help="parallel pairs per step")
     parser.add_argument("--pair-length", type=int, default=48, help="pair sentence length cap")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
     import methods.shifcon.method as shifcon_mod
     from launcher.loop import micro_batches
@@ -115,11 +100,11 @@ def main() -> None:
         total = time.perf_counter() - start
         return {"fwd_bwd": total - sum(step_seconds), "opt_step": sum(step_seconds)}
 
-    print(header(f"shifcon_overhead: SmolLM2-135M ({L} layers, band [{f}, {b}]), DeepSpeed "
+    print(timing.header(f"shifcon_overhead: SmolLM2-135M ({L} layers, band [{f}, {b}]), DeepSpeed "
                  "ZeRO-3, 1 process, fp32", threads))  # fmt: skip
     print(f"# LM batch {lm_b}x{lm_s} tokens; pair batch {p_b}x{p_s} tokens ({len(pairs)} "
           f"pairs); {args.reps} reps after {args.warmup} warm-up, interleaved")  # fmt: skip
-    timings = interleave(
+    timings = timing.interleave(
         {
             "sft": lambda: run(sft),
             "trunc": lambda: run(shifcon),
@@ -141,20 +126,22 @@ def main() -> None:
 
     for name, values in timings.times.items():
         parts = timings.parts[name]
-        print(f"{name:6s} step: {fmt_times(values)}; fwd+bwd {fmt_times(parts['fwd_bwd'])}; "
-              f"optimizer step {fmt_times(parts['opt_step'])}")  # fmt: skip
+        print(f"{name:6s} step: {timing.fmt_times(values)}; "
+              f"fwd+bwd {timing.fmt_times(parts['fwd_bwd'])}; "
+              f"optimizer step {timing.fmt_times(parts['opt_step'])}")  # fmt: skip
     results = {}
     warnings = []
     for name in ("trunc", "full"):
-        step_r = ratios(timings[name], timings["sft"])
-        fb_r = ratios(timings.parts[name]["fwd_bwd"], timings.parts["sft"]["fwd_bwd"])
-        step_med, fb_med = median_spread(step_r)[0], median_spread(fb_r)[0]
-        fb_best = best_ratio(timings.parts[name]["fwd_bwd"], timings.parts["sft"]["fwd_bwd"])
-        print(f"{name:6s} / sft: whole step {fmt_ratio(step_r)}; fwd+bwd {fmt_ratio(fb_r)} "
+        step_r = timing.ratios(timings[name], timings["sft"])
+        fb_r = timing.ratios(timings.parts[name]["fwd_bwd"], timings.parts["sft"]["fwd_bwd"])
+        step_med, fb_med = timing.median_spread(step_r)[0], timing.median_spread(fb_r)[0]
+        fb_best = timing.best_ratio(timings.parts[name]["fwd_bwd"], timings.parts["sft"]["fwd_bwd"])
+        print(f"{name:6s} / sft: whole step {timing.fmt_ratio(step_r)}; "
+              f"fwd+bwd {timing.fmt_ratio(fb_r)} "
               f"(best-of {fb_best:.3f}); FLOP bound {bounds[name]:.3f}; fwd+bwd/bound "
               f"{fb_med / bounds[name]:.3f}")  # fmt: skip
         results[name] = (step_med, fb_med, fb_best)
-        warnings += [w for w in (spread_warning(fb_r, f"{name}/sft fwd+bwd"),) if w]
+        warnings += [w for w in (timing.spread_warning(fb_r, f"{name}/sft fwd+bwd"),) if w]
     print(f"(naive full-depth figure 3*L*F_pair, which autograd does not run: {naive_full:.3f})")
     for w in warnings:
         print(w)

@@ -12,22 +12,12 @@ Target: tokens/s(on) / tokens/s(off) >= 0.97; on/plain is printed too (the stric
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from bench.timing import (
-    best_ratio,
-    fmt_ratio,
-    fmt_times,
-    header,
-    interleave,
-    median_spread,
-    ratios,
-    set_threads,
-    spread_warning,
-)
+from bench import timing
+from bench.common import bench_parser, parse_bench_args, real_model
 
 PROMPTS = {
     "fr": "Explique pourquoi le ciel est bleu en deux phrases.",
@@ -38,28 +28,16 @@ PROMPTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = bench_parser(__doc__, reps=7)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+    args, threads = parse_bench_args(parser)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from config.schema import ModelSection
-    from data.formatting import Batch
+    from data.formatting import Batch, chat_prompt_ids, left_pad
     from methods.shifcon.infer import ShiftedLM
     from methods.shifcon.math import LanguageStats
     from methods.shifcon.method import ShifConHooks, capture_hidden
-    from model.backbone import resolve_backbone
 
-    path = resolve_backbone(ModelSection()).path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    model, tok = real_model()
     languages = ["en", *PROMPTS]
     band, layers = (11, 14), list(range(11, 15))
     stats = LanguageStats.zeros(languages, layers, model.config.hidden_size, torch.device("cpu"))
@@ -74,7 +52,8 @@ def main() -> None:
                 stats.update(layer, h, mask, torch.tensor([i]))
     capture.remove()
     lm = ShiftedLM(model, tok, {"languages": languages, "band": list(band)}, stats)
-    input_ids, mask = lm._prompt_batch(list(PROMPTS.values()), None, left=True)
+    prompts = [chat_prompt_ids(tok, p) for p in PROMPTS.values()]
+    input_ids, mask = left_pad(prompts, tok.pad_token_id)
     langs = list(PROMPTS)
     n_new = args.new_tokens * len(langs)
 
@@ -99,27 +78,27 @@ def main() -> None:
             shifted_logits = model(input_ids=input_ids, attention_mask=mask).logits[:, -1]
     assert not torch.allclose(plain_logits, shifted_logits), "shift had no effect"
 
-    print(header("shifted_generation: SmolLM2-135M, fp32, greedy, KV cache", threads))
+    print(timing.header("shifted_generation: SmolLM2-135M, fp32, greedy, KV cache", threads))
     print(f"# batch {len(langs)} prompts ({input_ids.shape[1]} tokens, left-padded), "
           f"{args.new_tokens} new tokens each, band {band}; {args.reps} reps after "
           f"{args.warmup} warm-up, interleaved")  # fmt: skip
-    timings = interleave(
+    timings = timing.interleave(
         {"off": lambda: run(False), "on": lambda: run(True), "plain": run_plain},
         args.reps,
         warmup=args.warmup,
     )
     tps = {k: [n_new / t for t in v] for k, v in timings.times.items()}
     for k in ("plain", "off", "on"):
-        med, lo, hi = median_spread(tps[k])
-        print(f"{k:5s}: {med:.1f} tok/s [{lo:.1f}-{hi:.1f}]; time {fmt_times(timings[k])}")
-    r = ratios(tps["on"], tps["off"])
-    rp = ratios(tps["on"], tps["plain"])
-    med, med_p = median_spread(r)[0], median_spread(rp)[0]
-    best = best_ratio(timings["off"], timings["on"])  # tokens/s ratio = inverse time ratio
-    best_p = best_ratio(timings["plain"], timings["on"])
-    print(f"on / off tokens/s: {fmt_ratio(r)}; on / plain: {fmt_ratio(rp)}; best-of-"
+        med, lo, hi = timing.median_spread(tps[k])
+        print(f"{k:5s}: {med:.1f} tok/s [{lo:.1f}-{hi:.1f}]; time {timing.fmt_times(timings[k])}")
+    r = timing.ratios(tps["on"], tps["off"])
+    rp = timing.ratios(tps["on"], tps["plain"])
+    med, med_p = timing.median_spread(r)[0], timing.median_spread(rp)[0]
+    best = timing.best_ratio(timings["off"], timings["on"])  # tokens/s ratio = inverse time ratio
+    best_p = timing.best_ratio(timings["plain"], timings["on"])
+    print(f"on / off tokens/s: {timing.fmt_ratio(r)}; on / plain: {timing.fmt_ratio(rp)}; best-of-"
           f"{args.reps}: on/off {best:.3f}, on/plain {best_p:.3f}")  # fmt: skip
-    if w := spread_warning(r, "on/off"):
+    if w := timing.spread_warning(r, "on/off"):
         print(w)
     # The shift's own cost, timed directly (immune to the noise above): both boundary shifts on
     # a decode step's hidden state [B, 1, D], set against the measured time per decode step.
@@ -133,7 +112,7 @@ def main() -> None:
         shift_toward(h, lang_ids, vec[band[0]], 0)
         shift_backward(h, lang_ids, vec[band[1]], 0)
     per_step_shift = (time.perf_counter() - start) / n_calls
-    per_token = median_spread(timings["on"])[0] / args.new_tokens
+    per_token = timing.median_spread(timings["on"])[0] / args.new_tokens
     direct = 1 - per_step_shift / per_token
     print(f"shift ops per decode step (f and b): {per_step_shift * 1e6:.1f} us vs "
           f"{per_token * 1e3:.1f} ms per decode step -> direct estimate on/off {direct:.4f}")  # fmt: skip

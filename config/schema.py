@@ -47,11 +47,20 @@ class ModelSection(Section):
 
 class DataSource(Section):
     path: str = Field(
-        description="JSON Lines file or folder, builtin:polyglot, or a datasets source."
+        description="JSON Lines file or folder, a .json array, builtin:polyglot, or a datasets "
+        "source."
+    )
+    format: Literal["auto", "instruction", "alpaca", "sharegpt", "messages"] = Field(
+        "auto",
+        description="Row layout: instruction/response, alpaca (instruction, input, output), "
+        "sharegpt (conversations of from/value), messages (role/content); auto: from the first "
+        "row. Conversations train on every assistant turn.",
     )
     language: str | None = Field(None, description="Language of every row without a `lang` field.")
     fields: dict[str, str] = Field(
-        default_factory=dict, description="Canonical name -> source field name."
+        default_factory=dict,
+        description="Canonical name (id, lang, instruction, input, response, messages) -> the "
+        "source's field name.",
     )
     split: str = "train"
     limit: PositiveInt | None = None
@@ -59,11 +68,10 @@ class DataSource(Section):
     @field_validator("fields")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - {"id", "lang", "instruction", "response"})
+        known = ("id", "lang", "instruction", "input", "response", "messages")
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(
-                f"unknown canonical field(s) {unknown}; expected id, lang, instruction, response"
-            )
+            raise ValueError(f"unknown canonical field(s) {unknown}; expected {', '.join(known)}")
         return value
 
 
@@ -111,7 +119,7 @@ class ShifConMethod(Section):
     name: Literal["shifcon"]
     band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
         description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
-        "auto: chosen by the layer probe (model/probe.py) on the training data before training."
+        "auto: chosen by the layer probe (methods/shifcon/probe.py) on the training data before training."
     )
     probe_samples: PositiveInt = Field(
         32, description="band: auto: samples (and parallel pairs) per language for the probe."
@@ -273,7 +281,7 @@ EvalTask = Literal["xcopa", "mgsm", "bitext", "ppl"]
 
 
 class EvalSection(Section):
-    """Benchmarks (DESIGN.md "Evaluation formats") run on the training engine after training;
+    """Benchmarks (docs/methods.md "Evaluation formats") run on the training engine after training;
     also the options of ``python -m launcher.evaluate``, so a recipe and the CLI share one definition.
     No tasks (the default): nothing runs."""
 
@@ -393,18 +401,11 @@ class Recipe(Section):
                 "parallel.tensor_parallel/pipeline_parallel: the deepspeed engine is data-parallel"
                 " (ZeRO); tensor or pipeline parallelism needs parallel.engine: megatron"
             )
-        if self.parallel.engine == "megatron":
-            if self.method.name == "lens":
-                raise ValueError(
-                    "method.name: lens runs on the deepspeed engine only (parallel.engine)"
-                )
-            if self.method.name == "shifcon" and self.method.band == "auto":
-                raise ValueError(
-                    "method.band: auto needs the deepspeed engine; pick the band with "
-                    "`python -m launcher.probe` and write it into the recipe"
-                )
-            if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
-                raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")
+        # What a method needs from the engine is its registry entry's to say
+        # (methods/registry.py `recipe_errors`, checked by the launcher's preflight).
+        p = self.parallel
+        if p.engine == "megatron" and p.sequence_parallel and p.tensor_parallel == 1:
+            raise ValueError("parallel.sequence_parallel: needs tensor_parallel > 1")
         t, dp = self.training, self.data_parallel_size
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ValueError(

@@ -7,14 +7,17 @@ position; no sampler state, no iterator pickling.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from config.errors import UserError
 
 # Sort by length inside windows of this many global batches: most of bucketing's padding gain,
 # while batches still mix lengths, languages and tasks across an epoch.
 BUCKET_WINDOW = 32
+
+T = TypeVar("T")
 
 
 def epoch_batches(
@@ -52,6 +55,17 @@ def rank_micro_batches(
     per_rank = len(global_batch) // dp_size
     mine = global_batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     return [list(mine[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+
+
+def even_rounds(
+    batches: Sequence[Sequence[T]], rank: int, world: int
+) -> Iterator[tuple[Sequence[T], bool]]:
+    """This rank's share of ``batches`` (round robin) as ``(batch, filler)``, the same number of
+    rounds on every rank: under ZeRO-3 a forward is a collective, so a rank short of work
+    repeats ``batches[0]`` with ``filler`` True and must discard what it computes."""
+    mine = batches[rank::world]
+    for r in range(-(-len(batches) // world)):
+        yield (mine[r], False) if r < len(mine) else (batches[0], True)
 
 
 @dataclass

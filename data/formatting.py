@@ -1,9 +1,10 @@
-"""Prompt/response -> token ids with the loss on the response only, through the chat template."""
+"""Dialogues -> token ids with the loss on the assistant turns only, through the chat template."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -86,27 +87,125 @@ def encode_example(
     system_prompt: str | None = None,
 ) -> Example | None:
     """None when truncation to `max_length` would leave no response token to learn from."""
-    prompt = chat_prompt_ids(tokenizer, instruction, system_prompt)
+    return encode_dialogue(
+        tokenizer,
+        _messages(instruction, None, response),
+        lang=lang,
+        id=id,
+        max_length=max_length,
+        system_prompt=system_prompt,
+    )
+
+
+def encode_dialogue(
+    tokenizer,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    lang: str,
+    id: str,
+    max_length: int,
+    system_prompt: str | None = None,
+) -> Example | None:
+    """One example of a whole conversation with labels on the assistant turns only.
+
+    Each assistant turn's tokens are found as the difference between the dialogue rendered up
+    to its generation prompt and rendered through it, so they are exactly what the model
+    would be asked to generate at that point.  ``system_prompt`` is used only when the
+    conversation has no system message of its own.  None when truncation leaves no label.
+    """
+    messages = [dict(m) for m in messages]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     if tokenizer.chat_template:
-        full = _ids(
+        full, spans = _template_spans(tokenizer, messages)
+    else:
+        full, spans = _plain_spans(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(full)
+    for start, end in spans:
+        labels[start:end] = full[start:end]
+    full, labels = full[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    # Pooled positions: the first user turn's own tokens (the prompt a shift is applied to).
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    span = content_span(tokenizer, first_user, system)
+    return Example(input_ids=full, labels=labels, lang=lang, id=id, span=span)
+
+
+def _template_spans(tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    def render(upto: int, generation: bool) -> list[int]:
+        return _ids(
             tokenizer.apply_chat_template(
-                _messages(instruction, system_prompt, response), tokenize=True, return_dict=True
+                messages[:upto], add_generation_prompt=generation, tokenize=True, return_dict=True
             )
         )
-        if full[: len(prompt)] != prompt:
+
+    full = render(len(messages), False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, through = render(i, True), render(i + 1, False)
+        if full[: len(start)] != start or full[: len(through)] != through:
             raise UserError(
                 "model.chat_template: the chat template renders the prompt differently with and without the answer; "
                 "set model.chat_template to one whose prompt is a prefix of the full dialogue"
             )
-    else:
-        answer = _ids(tokenizer(response, add_special_tokens=False))
-        full = prompt + answer + [tokenizer.eos_token_id]
-    full = full[:max_length]
-    if len(full) <= len(prompt):
-        return None
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
-    span = content_span(tokenizer, instruction, system_prompt)
-    return Example(input_ids=full, labels=labels, lang=lang, id=id, span=span)
+        spans.append((len(start), len(through)))
+    return full, spans
+
+
+def _plain_spans(tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """No template: ``system\n\nuser\n\n`` then the answer and EOS, turn after turn."""
+    full: list[int] = []
+    spans = []
+    pending = ""
+    for message in messages:
+        if message["role"] != "assistant":
+            pending += message["content"] + "\n\n"
+            continue
+        full += _ids(tokenizer(pending, add_special_tokens=not full))
+        pending = ""
+        start = len(full)
+        full += _ids(tokenizer(message["content"], add_special_tokens=False))
+        full.append(tokenizer.eos_token_id)
+        spans.append((start, len(full)))
+    if pending:
+        full += _ids(tokenizer(pending, add_special_tokens=not full))
+    return full, spans
+
+
+def encode_rows(
+    tokenizer,
+    rows: Iterable[Mapping[str, Any]],
+    languages: Collection[str],
+    *,
+    max_length: int,
+    system_prompt: str | None = None,
+) -> tuple[list[Example], int]:
+    """Examples of the rows whose ``lang`` is in ``languages`` (others skipped), and how many
+    were dropped because truncation left no response token.  A row with ``messages`` (a
+    multi-turn conversation, see `data.rows`) is encoded whole."""
+    out: list[Example] = []
+    dropped = 0
+    for row in rows:
+        if row["lang"] not in languages:
+            continue
+        messages = row.get("messages") or _messages(row["instruction"], None, row["response"])
+        ex = encode_dialogue(
+            tokenizer,
+            messages,
+            lang=row["lang"],
+            id=row["id"],
+            max_length=max_length,
+            system_prompt=system_prompt,
+        )
+        if ex is None:
+            dropped += 1
+        else:
+            out.append(ex)
+    return out, dropped
 
 
 @dataclass
@@ -175,17 +274,34 @@ def num_label_tokens(example: Example) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
+def _padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, cols] = 1
+    return ids, mask
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, content on the left (training, scoring, probing)."""
+    return _padded(seqs, pad_id, left=False)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, content on the right (batched generation)."""
+    return _padded(seqs, pad_id, left=True)
+
+
 def collate(examples: Sequence[Example], pad_id: int, languages: Sequence[str]) -> Batch:
     """Right-pad to the longest example of the micro-batch."""
-    width = max(len(e) for e in examples)
-    n = len(examples)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        input_ids[row, : len(ex)] = torch.tensor(ex.input_ids)
-        labels[row, : len(ex)] = torch.tensor(ex.labels)
-        mask[row, : len(ex)] = 1
+    input_ids, mask = right_pad([e.input_ids for e in examples], pad_id)
+    labels, _ = right_pad([e.labels for e in examples], IGNORE_INDEX)
     lang_index = {lang: i for i, lang in enumerate(languages)}
     lang_ids = torch.tensor([lang_index[e.lang] for e in examples], dtype=torch.long)
     spans = torch.tensor([e.span or (1, len(e)) for e in examples], dtype=torch.long)

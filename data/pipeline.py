@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from config.errors import UserError
 from config.schema import DataSection, DataSource
-from data.formatting import Example, encode_example
+from data.formatting import Example, encode_rows
 from data.sources import LoadReport, load_rows
 
 
@@ -44,6 +44,7 @@ def _load(sources: list[DataSource], section: DataSection) -> tuple[list[dict], 
             source.path,
             fields=source.fields or None,
             language=source.language,
+            format=source.format,
             on_bad_row=section.on_bad_row,
             split=source.split,
             limit=source.limit,
@@ -78,29 +79,6 @@ def build_run_data(section: DataSection, tokenizer) -> RunData:
     languages = order_languages({r["lang"] for r in train_rows}, section)
     keep = set(languages)
 
-    dropped = 0
-
-    def encode(rows: list[dict]) -> list[Example]:
-        nonlocal dropped
-        out = []
-        for row in rows:
-            if row["lang"] not in keep:
-                continue
-            ex = encode_example(
-                tokenizer,
-                row["instruction"],
-                row["response"],
-                lang=row["lang"],
-                id=row["id"],
-                max_length=section.max_length,
-                system_prompt=section.system_prompt,
-            )
-            if ex is None:
-                dropped += 1
-            else:
-                out.append(ex)
-        return out
-
     per_lang: Counter[str] = Counter()
     capped = []
     for row in eval_rows:
@@ -108,4 +86,9 @@ def build_run_data(section: DataSection, tokenizer) -> RunData:
             per_lang[row["lang"]] += 1
             capped.append(row)
     train_rows = [r for r in train_rows if r["lang"] in keep]
-    return RunData(encode(train_rows), encode(capped), languages, train_rows, reports, dropped)
+    train, held_out = (
+        encode_rows(tokenizer, rows, keep, max_length=section.max_length,
+                    system_prompt=section.system_prompt)
+        for rows in (train_rows, capped)
+    )  # fmt: skip
+    return RunData(train[0], held_out[0], languages, train_rows, reports, train[1] + held_out[1])

@@ -1,13 +1,14 @@
 """Load instruction rows from JSON Lines files, directories, the built-in set or ``datasets``.
 
 Every source ends up as rows ``{"lang", "instruction", "response", "id"}`` of non-empty
-strings, so training code never has to guess a schema.  JSON Lines is parsed here rather than
+strings (plus ``messages`` for a multi-turn conversation; the formats are in `data.rows`), so
+training code never has to guess a schema.  JSON Lines is parsed here rather than
 through ``datasets`` so that a bad record can be reported as ``file:line``; a fine-tuning run
 that dies on row 40 000 of a converted corpus should say exactly where to look.
 
 Source forms accepted by :func:`load_rows`:
 
-* ``path/to/file.jsonl`` (or ``.json``, also read as JSON Lines);
+* ``path/to/file.jsonl``, or ``.json``: one JSON array of rows (alpaca's layout) or JSON Lines;
 * a directory holding ``*.jsonl`` files (sorted by name and concatenated);
 * ``builtin:polyglot`` with optional ``?items=N&seed=S&languages=en,fr``;
 * a local ``.csv``/``.tsv``/``.parquet``/``.arrow`` file, a directory written by
@@ -27,8 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from config.errors import UserError
 from data.polyglot import build_polyglot
+from data.rows import FIELD_NAMES, FORMATS, BadRow, columns, detect_format, normalise
 
-CANONICAL_FIELDS: tuple[str, ...] = ("lang", "instruction", "response", "id")
+__all__ = ["BadRow", "DataError", "LoadReport", "jsonl_records", "load_rows"]
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DEFAULT_ITEMS = 500
@@ -56,18 +58,6 @@ class LoadReport:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-class BadRow(Exception):
-    """A rejected record; ``reason`` is the stable key counted in :class:`LoadReport`."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason} ({self.detail})" if self.detail else self.reason
-
-
 # A record stream yields (location for messages, parsed record or the parse failure).
 Records = Iterator[tuple[str, Any]]
 
@@ -77,14 +67,16 @@ def load_rows(
     *,
     fields: Mapping[str, str] | None = None,
     language: str | None = None,
+    format: str = "auto",
     on_bad_row: Literal["error", "skip"] = "error",
     split: str = "train",
     limit: int | None = None,
-) -> tuple[list[dict[str, str]], LoadReport]:
+) -> tuple[list[dict[str, Any]], LoadReport]:
     """Read and validate instruction rows from ``source`` (see the module docstring for forms).
 
-    ``fields`` maps canonical names (lang/instruction/response/id) to the source's column names.
-    ``language`` fills ``lang`` only for rows that have none.  A missing ``id`` becomes the
+    ``format`` is one of `data.rows.FORMATS`; ``auto`` picks it from the first JSON object.
+    ``fields`` maps canonical names (lang/instruction/input/response/messages/id) to the
+    source's column names.  ``language`` fills ``lang`` only for rows that have none.  A missing ``id`` becomes the
     0-based position of the record in the source, counting rejected records too, so ids do not
     shift when bad rows are skipped.  ``limit`` stops reading after that many valid rows.
     """
@@ -93,25 +85,38 @@ def load_rows(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     name = os.fspath(source)
-    names = _field_names(name, fields)
+    if format not in FORMATS:
+        raise DataError(f"{name}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    mapping = _field_names(name, fields)
+    fmt = None if format == "auto" else format
+    guessed = False  # the format was the fallback of `auto`: say so in the first row's error
     if language is not None and (not isinstance(language, str) or not language.strip()):
         raise DataError(f"{name}: language must be a non-empty string, got {language!r}")
 
     report = LoadReport(source=name)
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     if limit == 0:
         return rows, report
     for index, (where, record) in enumerate(_records(name, split)):
         try:
             if isinstance(record, BadRow):
                 raise record
-            row = _normalise(record, index, names, language)
+            if fmt is None and isinstance(record, Mapping):  # the first JSON object decides
+                found, mapping = detect_format(record, mapping)
+                fmt, guessed = found or "instruction", found is None
+            layout = fmt or "instruction"
+            row = normalise(record, index, layout, columns(layout, mapping), language)
         except BadRow as bad:
+            if guessed and not bad.detail:  # the first row of a source of unknown layout
+                known = ", ".join(FORMATS[1:])
+                bad.detail = f"no known format in the first row; set the source's format ({known})"
+            guessed = False
             if on_bad_row == "error":
                 raise DataError(f"{where}: {bad}") from None
             report.skipped += 1
             report.reasons[bad.reason] = report.reasons.get(bad.reason, 0) + 1
             continue
+        guessed = False
         rows.append(row)
         report.kept += 1
         if limit is not None and len(rows) >= limit:
@@ -120,69 +125,15 @@ def load_rows(
 
 
 def _field_names(source: str, fields: Mapping[str, str] | None) -> dict[str, str]:
-    names = {canon: canon for canon in CANONICAL_FIELDS}
     for canon, column in (fields or {}).items():
-        if canon not in names:
+        if canon not in FIELD_NAMES:
             raise DataError(
                 f"{source}: unknown field {canon!r} in fields mapping; "
-                f"expected some of {', '.join(CANONICAL_FIELDS)}"
+                f"expected some of {', '.join(FIELD_NAMES)}"
             )
         if not isinstance(column, str) or not column:
             raise DataError(f"{source}: fields[{canon!r}] must be a non-empty string")
-        names[canon] = column
-    return names
-
-
-def _normalise(
-    record: Any, index: int, names: Mapping[str, str], language: str | None
-) -> dict[str, str]:
-    if not isinstance(record, Mapping):
-        raise BadRow("line is not a JSON object", f"got {_json_type(record)}")
-    row = {}
-    for canon in ("instruction", "response"):
-        row[canon] = _text(record, names[canon])
-    lang_col = names["lang"]
-    if record.get(lang_col) is not None:
-        lang = _text(record, lang_col)
-    elif language is not None:
-        lang = language
-    else:
-        raise BadRow(f'missing field "{lang_col}"', "and no language given for the source")
-    id_col = names["id"]
-    raw_id = record.get(id_col)
-    if raw_id is None:
-        row_id = str(index)
-    elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
-        row_id = str(raw_id)  # integer ids are common and unambiguous
-    else:
-        row_id = _text(record, id_col)
-    return {"lang": lang, "instruction": row["instruction"], "response": row["response"],
-            "id": row_id}  # fmt: skip
-
-
-def _text(record: Mapping[str, Any], column: str) -> str:
-    if column not in record:
-        raise BadRow(f'missing field "{column}"')
-    value = record[column]
-    if not isinstance(value, str):
-        raise BadRow(f'field "{column}" is not a string', f"got {_json_type(value)}")
-    if not value.strip():
-        raise BadRow(f'field "{column}" is empty')
-    return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, Mapping):
-        return "object"
-    return type(value).__name__
+    return dict(fields or {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +147,8 @@ def _records(source: str, split: str) -> Records:
     path = Path(source).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix == ".json" and _starts_with_bracket(path):
+            return json_array_records(path)
         if suffix in JSONL_SUFFIXES:
             return jsonl_records([path])
         if suffix in _DATASETS_BUILDERS:
@@ -233,6 +186,72 @@ def jsonl_records(files: Iterable[Path]) -> Records:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield where, BadRow("invalid JSON", f"{exc.msg} at column {exc.colno}")
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    """Whether a ``.json`` file is one JSON array (alpaca's layout) rather than JSON Lines."""
+    with path.open("rb") as fh:
+        chunk = fh.read(65536).removeprefix(b"\xef\xbb\xbf")
+        while chunk:
+            stripped = chunk.lstrip(b" \t\r\n")
+            if stripped:
+                return stripped[:1] == b"["
+            chunk = fh.read(65536)
+    return False
+
+
+_WHITESPACE = " \t\r\n"
+
+
+def json_array_records(path: Path) -> Records:
+    """(``file:line`` of the element's start, element) for a file holding one JSON array.
+
+    An element that is not valid JSON leaves no way to find where the next one starts, so
+    that is an error for the whole source even under ``on_bad_row: skip``.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid UTF-8 ({exc})") from None
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0
+
+    def skip(pos: int) -> int:
+        while pos < len(text) and text[pos] in _WHITESPACE:
+            pos += 1
+        return pos
+
+    def where(pos: int) -> str:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return f"{path}:{line}"
+
+    pos = skip(skip(0) + 1)  # past "["
+    if text[pos : pos + 1] == "]":
+        pos = skip(pos + 1)
+    else:
+        while True:
+            try:
+                record, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            yield where(pos), record
+            pos = skip(end)
+            if text[pos : pos + 1] == ",":
+                pos = skip(pos + 1)
+                continue
+            if text[pos : pos + 1] == "]":
+                pos = skip(pos + 1)
+                break
+            raise DataError(f"{where(pos)}: invalid JSON (expected ',' or ']' in the array)")
+    if pos < len(text):
+        raise DataError(
+            f"{where(pos)}: text after the JSON array (a .json file is one array of rows "
+            "or JSON Lines, one object per line)"
+        )
 
 
 def _builtin_records(source: str) -> Records:

@@ -4,21 +4,25 @@
 the benchmarks run on the partitioned model that was just trained, with the method's
 per-language behaviour (ShifCon's shift) exactly as in training, and no reload of the export.
 It relies only on the engine interface (``parallel/engine.py``): ``forward_logits``,
-``forward_module``, ``method``, ``ctx`` and ``dp_rank``/``dp_size``; nothing DeepSpeed-specific,
-so a Megatron engine behind the same interface works unchanged.
+``prefill``/``decode``/``end_decode`` (cached generation), ``forward_module``, ``method``,
+``ctx`` and ``dp_rank``/``dp_size``; nothing DeepSpeed-specific, so a Megatron engine behind
+the same interface works unchanged.
 
 Collectives: on a partitioned model a forward is a collective (ZeRO-3 gathers parameters,
 tensor/pipeline parallelism exchange activations), so every rank must call
-``forward_logits`` equally often. Each scorer call first agrees on the number of batches
-(one all-reduce MAX); a rank short of work runs a one-token filler batch and discards it.
-Generation agrees after every step whether any rank still has a running row.
+``forward_logits`` (and ``prefill``/``decode``) equally often. Each scorer call first agrees
+on the number of batches (one all-reduce MAX); a rank short of work runs a one-token filler
+batch and discards it.
+Generation agrees after every step whether any rank still has a running row; a rank with no
+prompts decodes a one-token filler row alongside.
 
 Rows are split over data-parallel shards (``data_shard`` = (dp_rank, dp_size)), which
 ``eval.tasks`` reads: ranks of one model-parallel group score the same rows together.
 
-Supported formats: all four. Log-likelihood (XCOPA, perplexity) and generation (MGSM) use
-only ``forward_logits``. Hidden states (bitext) call ``engine.forward_module`` through the
-method's forward with ``output_hidden_states=True``; an engine whose forward does not return
+Supported formats: all four. Log-likelihood (XCOPA, perplexity) uses ``forward_logits``,
+generation (MGSM) the engine's KV cache (``prefill`` then ``decode``). Hidden states
+(bitext) call ``engine.forward_module`` through the method's forward with
+``output_hidden_states=True``; an engine whose forward does not return
 hidden states (e.g. a pipeline stage that only holds some layers) raises
 :class:`EngineUnsupported`, and ``run_benchmarks`` then skips bitext with a note pointing at
 ``python -m launcher.evaluate`` on the export.
@@ -28,22 +32,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from data.formatting import IGNORE_INDEX, Batch
-from eval.scorer import (
-    LoglikelihoodResult,
-    TextEncoder,
-    _batches,
-    continuation_logprob,
-    cut_at_stop,
-    mean_pool_layers,
-    right_pad,
-)
+from data.formatting import IGNORE_INDEX, Batch, left_pad, right_pad
+from eval.scorer import BatchedScorer, mean_pool_layers
 
 
 class EngineUnsupported(RuntimeError):
@@ -58,7 +54,7 @@ def _max_over_ranks(value: int) -> int:
     return int(tensor.item())
 
 
-class EngineScorer(TextEncoder):
+class EngineScorer(BatchedScorer):
     """:class:`Scorer` over a training engine (every rank constructs one and calls it alike).
 
     ``languages``: the run's language list (``Batch.lang_ids`` index it, dominant first).
@@ -67,10 +63,11 @@ class EngineScorer(TextEncoder):
     have gets the dominant language's id, which every method leaves unshifted (as an export is
     scored for a language without vectors). ``shift=False`` scores every language unshifted.
 
-    Generation is greedy decoding by repeated ``forward_logits`` over the whole sequence:
-    there is no KV cache on the engine path (the interface exposes none), so a step costs a
-    full forward; answers equal those of ``HFScorer`` on the export, which uses the cache.
-    Rows are right-padded, so every row keeps positions 0..n-1 as in a one-row forward.
+    Generation is greedy decoding with the engine's KV cache (``Engine.prefill`` once, then
+    ``Engine.decode`` one token per row per step; the method's shift on at every step, on
+    every pipeline stage). ``kv_cache=False`` instead repeats ``forward_logits`` over the
+    whole right-padded sequence per step (quadratic; kept as the reference). Both give the
+    answers of ``HFScorer`` on the export: every row sees positions 0..n-1 either way.
     """
 
     def __init__(
@@ -85,6 +82,7 @@ class EngineScorer(TextEncoder):
         max_length: int = 2048,
         stop_ids: set[int] | None = None,
         shift: bool = True,
+        kv_cache: bool = True,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -97,6 +95,7 @@ class EngineScorer(TextEncoder):
         self.engine = engine
         self.languages = list(languages)
         self.shift = shift
+        self.kv_cache = kv_cache
         self._lang_id = 0
         self.forwards = 0  # forward passes this rank ran (equal on every rank)
 
@@ -131,47 +130,36 @@ class EngineScorer(TextEncoder):
 
     # -- Scorer --------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
-        encoded = [self.encode_request(context, cont) for context, cont in requests]
-        results: list[LoglikelihoodResult | None] = [None] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-        chunks = _batches(order, self.batch_size)
-        for r in range(_max_over_ranks(len(chunks))):
-            if r >= len(chunks):
-                self._logits(self._filler())
-                continue
-            batch, _ = self._batch([encoded[i][0][:-1] for i in chunks[r]])
-            logits = self._logits(batch)
-            for row, i in enumerate(chunks[r]):
-                full, n_cont = encoded[i]
-                results[i] = continuation_logprob(logits[row], full, n_cont)
-        return [r for r in results if r is not None]
+    def grad_mode(self) -> AbstractContextManager[Any]:
+        return torch.no_grad()
 
-    @torch.no_grad()
-    def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
-    ) -> list[str]:
-        """Greedy answers; ``stop`` cuts each text at the first stop string (post hoc)."""
-        encoded = [self.prompt_ids(p) for p in prompts]
-        texts: list[str] = [""] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        chunks = _batches(order, self.batch_size)
-        for r in range(_max_over_ranks(len(chunks))):
-            chunk = chunks[r] if r < len(chunks) else []
-            new = self.generate_ids([encoded[i] for i in chunk], max_new_tokens)
-            for row, i in enumerate(chunk):
-                texts[i] = cut_at_stop(self.decode(new[row]), stop)
-        return texts
+    def batch_rounds(self, order: Sequence[int]) -> list[list[int]]:
+        """This rank's batches, then empty (filler) rounds up to the most any rank has: the
+        count is agreed before the first forward, as forwards are collectives."""
+        chunks = super().batch_rounds(order)
+        return chunks + [[] for _ in range(_max_over_ranks(len(chunks)) - len(chunks))]
+
+    def row_logits(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self._logits(self._batch(seqs)[0] if seqs else self._filler())
+
+    def generate_rows(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        return self.generate_ids(prompts, max_new_tokens)
 
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int
     ) -> list[list[int]]:
         """Greedy new ids per prompt (each ends at its first stop id, or max_new_tokens).
 
-        Finished rows leave the batch; the loop ends when no rank has a running row, so every
-        rank runs the same number of forwards (an idle rank runs the filler batch).
+        With ``kv_cache`` (the default): one prefill of the left-padded prompts, then one
+        token per row per step through the engine's cache (``Engine.prefill``/``decode``).
+        Without: a full forward over the right-padded sequences per step. Either way the loop
+        ends when no rank has a running row, so every rank runs the same number of forwards
+        (an idle rank decodes a one-token filler row).
         """
+        if self.kv_cache:
+            return self._generate_cached(prompts, max_new_tokens)
         seqs = [list(p) for p in prompts]
         new: list[list[int]] = [[] for _ in seqs]
         running = list(range(len(seqs)))
@@ -185,13 +173,46 @@ class EngineScorer(TextEncoder):
             logits = self._logits(batch)
             last = mask.sum(dim=1) - 1  # each row's own last position (right padding)
             picks = logits[torch.arange(len(running)), last.to(logits.device)].argmax(dim=-1)
-            still = []
-            for i, token in zip(running, picks.tolist(), strict=True):
-                seqs[i].append(token)
-                new[i].append(token)
-                if token not in self.stop_ids and len(seqs[i]) < self.max_length:
-                    still.append(i)
-            running = still
+            running = self._append(running, picks.tolist(), seqs, new)
+        return new
+
+    def _append(
+        self, running: list[int], picks: Sequence[int], seqs: list[list[int]], new: list[list[int]]
+    ) -> list[int]:
+        """Add each running row's pick; the rows that go on (no stop id, room left)."""
+        still = []
+        for i, token in zip(running, picks, strict=True):
+            seqs[i].append(token)
+            new[i].append(token)
+            if token not in self.stop_ids and len(seqs[i]) < self.max_length:
+                still.append(i)
+        return still
+
+    def _generate_cached(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        seqs = [list(p) for p in prompts]
+        new: list[list[int]] = [[] for _ in seqs]
+        if max_new_tokens <= 0 or not _max_over_ranks(len(seqs)):
+            return new
+        rows = seqs or [[self.pad_id]]  # an idle rank decodes a filler row
+        ids, mask = left_pad(rows, self.pad_id)
+        langs = torch.full((len(rows),), self._lang_id, dtype=torch.long)
+        batch = Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX), langs)
+        self.forwards += 1
+        logits, state = self.engine.prefill(batch, max_new_tokens)
+        try:
+            running = list(range(len(seqs)))
+            for step in range(max_new_tokens):
+                picks = logits.argmax(dim=-1)
+                pick_list = picks.tolist()
+                running = self._append(running, [pick_list[i] for i in running], seqs, new)
+                if step + 1 == max_new_tokens or not _max_over_ranks(len(running)):
+                    break
+                self.forwards += 1
+                logits = self.engine.decode(state, picks)  # finished rows ride along, ignored
+        finally:
+            self.engine.end_decode(state)
         return new
 
     @torch.no_grad()
@@ -199,18 +220,17 @@ class EngineScorer(TextEncoder):
         encoded = self.hidden_inputs(texts)
         pooled: list[torch.Tensor | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        chunks = _batches(order, self.batch_size)
         shape: tuple[int, int] | None = None
-        for r in range(_max_over_ranks(len(chunks))):
-            if r >= len(chunks):
+        for chunk in self.batch_rounds(order):
+            if not chunk:
                 states = self._forward_hidden(self._filler())
                 shape = (len(states), states[0].shape[-1])
                 continue
-            batch, mask = self._batch([encoded[i] for i in chunks[r]])
+            batch, mask = self._batch([encoded[i] for i in chunk])
             states = self._forward_hidden(batch)
             shape = (len(states), states[0].shape[-1])
             means = mean_pool_layers(states, mask)
-            for row, i in enumerate(chunks[r]):
+            for row, i in enumerate(chunk):
                 pooled[i] = means[row]
         if not encoded:
             if shape is None:  # nobody had texts: no forward ran, nothing to size from

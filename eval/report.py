@@ -60,12 +60,29 @@ def flat_metrics(results: Mapping[str, TaskResult], prefix: str = "eval") -> dic
     return out
 
 
-def bar_chart(results: Mapping[str, TaskResult], path: str | Path) -> Path:
-    """One panel per task, one bar per language (Agg backend: no display needed)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a chart; returns its path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def bar_chart(results: Mapping[str, TaskResult], path: str | Path) -> Path:
+    """One panel per task, one bar per language (Agg backend: no display needed)."""
+    plt = pyplot()
 
     tasks = list(results)
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.2))
@@ -81,20 +98,12 @@ def bar_chart(results: Mapping[str, TaskResult], path: str | Path) -> Path:
         for x, v in enumerate(values):
             ax.text(x, 0 if math.isnan(v) else v, "-" if math.isnan(v) else f"{v:.2f}",
                     ha="center", va="bottom", fontsize=8)  # fmt: skip
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def bitext_chart(result: TaskResult, path: str | Path) -> Path:
     """Retrieval accuracy per layer, both directions, one line pair per language."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for lang in sorted(result.details):
@@ -105,11 +114,7 @@ def bitext_chart(result: TaskResult, path: str | Path) -> Path:
     ax.set_ylabel("retrieval accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def results_dict(results: Mapping[str, TaskResult], **extra: Any) -> dict[str, Any]:

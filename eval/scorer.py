@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from data.formatting import chat_prompt_ids
+from data.formatting import chat_prompt_ids, left_pad, right_pad
 
 
 @dataclass(frozen=True)
@@ -53,29 +53,6 @@ class Scorer(Protocol):
         ...
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, T]`` ids and attention mask, content on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, T]`` ids and attention mask, content on the right (for generation)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if len(seq):
-            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
 def continuation_logprob(
     logits: torch.Tensor, full: Sequence[int], n_cont: int
 ) -> LoglikelihoodResult:
@@ -94,10 +71,6 @@ def continuation_logprob(
 
 def _ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
-
-
-def _batches(order: Sequence[int], size: int) -> list[list[int]]:
-    return [list(order[i : i + size]) for i in range(0, len(order), size)]
 
 
 def speaking(scorer: Any, lang: str) -> AbstractContextManager[None]:
@@ -200,7 +173,63 @@ class TextEncoder:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-class HFScorer(TextEncoder):
+class BatchedScorer(TextEncoder):
+    """The :class:`Scorer` calls every implementation shares: encode, sort by length, batch,
+    score, hand results back in request order. A subclass gives the forward of right-padded
+    rows (``row_logits``), batched greedy decoding (``generate_rows``) and, where a forward is
+    a collective, filler rounds (``batch_rounds``)."""
+
+    def grad_mode(self) -> AbstractContextManager[Any]:
+        """No autograd while scoring (the engine scorer keeps plain ``no_grad``)."""
+        return torch.inference_mode()
+
+    def batch_rounds(self, order: Sequence[int]) -> list[list[int]]:
+        """Request indices per forward; an empty round is a filler forward (no requests)."""
+        size = self.batch_size
+        return [list(order[i : i + size]) for i in range(0, len(order), size)]
+
+    def row_logits(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[B, T, V]`` logits of the right-padded ``seqs``."""
+        raise NotImplementedError
+
+    def generate_rows(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> Sequence[torch.Tensor | Sequence[int]]:
+        """Greedy new ids per prompt (decoding stops at the first stop id)."""
+        raise NotImplementedError
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
+        return self.score_encoded([self.encode_request(ctx, cont) for ctx, cont in requests])
+
+    def score_encoded(self, encoded: Sequence[tuple[list[int], int]]) -> list[LoglikelihoodResult]:
+        """Score already-tokenised (full ids, continuation length) rows, e.g. the rolling
+        windows of a long text (``eval.harness``)."""
+        results: list[LoglikelihoodResult | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        with self.grad_mode():
+            for chunk in self.batch_rounds(order):
+                logits = self.row_logits([encoded[i][0][:-1] for i in chunk])
+                for row, i in enumerate(chunk):
+                    full, n_cont = encoded[i]
+                    results[i] = continuation_logprob(logits[row], full, n_cont)
+        return [r for r in results if r is not None]
+
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy answers; ``stop`` cuts each text at the first stop string (post hoc)."""
+        encoded = [self.prompt_ids(p) for p in prompts]
+        texts: list[str] = [""] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        with self.grad_mode():
+            for chunk in self.batch_rounds(order):
+                new = self.generate_rows([encoded[i] for i in chunk], max_new_tokens)
+                for row, i in enumerate(chunk):
+                    texts[i] = cut_at_stop(self.decode(new[row]), stop)
+        return texts
+
+
+class HFScorer(BatchedScorer):
     """:class:`Scorer` over a ``transformers`` causal LM and its tokenizer (single process)."""
 
     def __init__(
@@ -246,36 +275,13 @@ class HFScorer(TextEncoder):
 
     # -- Scorer --------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
-        encoded = [self.encode_request(context, cont) for context, cont in requests]
-        results: list[LoglikelihoodResult | None] = [None] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-        for chunk in _batches(order, self.batch_size):
-            inputs = [encoded[i][0][:-1] for i in chunk]
-            ids, mask = right_pad(inputs, self.pad_id)
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
-            for row, i in enumerate(chunk):
-                full, n_cont = encoded[i]
-                results[i] = continuation_logprob(logits[row], full, n_cont)
-        return [r for r in results if r is not None]
+    def row_logits(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        ids, mask = right_pad(seqs, self.pad_id)
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
 
-    @torch.inference_mode()
-    def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
-    ) -> list[str]:
-        """Greedy decoding; ``stop`` cuts each text at the first stop string (post hoc)."""
-        encoded = [self.prompt_ids(p) for p in prompts]
-        texts: list[str] = [""] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        for chunk in _batches(order, self.batch_size):
-            ids, mask = left_pad([encoded[i] for i in chunk], self.pad_id)
-            new = self.generate_ids(ids, mask, max_new_tokens)
-            for row, i in enumerate(chunk):
-                texts[i] = cut_at_stop(self.decode(new[row]), stop)
-        return texts
+    def generate_rows(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        ids, mask = left_pad(prompts, self.pad_id)
+        return self.generate_ids(ids, mask, max_new_tokens)
 
     def generate_ids(
         self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **kwargs: Any
@@ -301,7 +307,7 @@ class HFScorer(TextEncoder):
             return torch.zeros(0, self.num_layers + 1, size)
         pooled: list[torch.Tensor | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        for chunk in _batches(order, self.batch_size):
+        for chunk in self.batch_rounds(order):
             ids, mask = right_pad([encoded[i] for i in chunk], self.pad_id)
             out = self.model(
                 input_ids=ids.to(self.device),

@@ -42,6 +42,7 @@ from eval.tasks import (
     evaluate_perplexity,
     evaluate_xcopa,
 )
+from model.layers import rank_world
 
 TASKS = EVAL_TASKS
 # The options of an evaluation are the recipe's ``eval:`` section: one definition for both.
@@ -128,9 +129,7 @@ def evaluate(scorer: Scorer, options: EvalOptions) -> tuple[dict[str, TaskResult
 
 def _progress(message: str) -> None:
     """Long benchmark runs say what they are on (rank 0 only when distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if rank_world()[0] == 0:
         print(message, file=sys.stderr, flush=True)
 
 

@@ -24,6 +24,7 @@ from eval.answers import extract_number, numbers_match
 from eval.benchmarks import MgsmRow, ParallelPair, XcopaRow
 from eval.scorer import Scorer, speaking
 from methods.subspace import bitext_retrieval_accuracy
+from model.layers import rank_world
 
 T = TypeVar("T")
 
@@ -77,12 +78,6 @@ class TaskResult:
 # --------------------------------------------------------------------------------------------
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 Layout = tuple[int, int]  # (this rank's data shard, number of shards)
 
 
@@ -91,19 +86,19 @@ def data_layout(scorer: Any) -> Layout:
     data-parallel rank and size: ranks of one tensor/pipeline group score the same rows
     together) when it has one, else (rank, world)."""
     layout = getattr(scorer, "data_shard", None)
-    return (int(layout[0]), int(layout[1])) if layout is not None else rank_and_world()
+    return (int(layout[0]), int(layout[1])) if layout is not None else rank_world()
 
 
 def shard(rows: Sequence[T], layout: Layout | None = None) -> list[T]:
     """This rank's rows: every n-th row starting at its shard (balanced within one row)."""
-    index, count = layout or rank_and_world()
+    index, count = layout or rank_world()
     return list(rows[index::count])
 
 
 def _one_per_shard(local: Any, layout: Layout) -> list[Any]:
     """Every shard's ``local``, in shard order, taking one rank per shard (model-parallel
     replicas of a shard computed the same thing)."""
-    parts: list[Any] = [None] * rank_and_world()[1]
+    parts: list[Any] = [None] * rank_world()[1]
     dist.all_gather_object(parts, (layout[0], local))
     by_shard: dict[int, Any] = {}
     for index, value in parts:
@@ -115,8 +110,8 @@ def _one_per_shard(local: Any, layout: Layout) -> list[Any]:
 
 def all_reduce_sum(values: Sequence[float], layout: Layout | None = None) -> list[float]:
     """Element-wise sum over shards (float64: exact for counts, stable for log-likelihoods)."""
-    _, world = rank_and_world()
-    layout = layout or rank_and_world()
+    _, world = rank_world()
+    layout = layout or rank_world()
     if world == 1:
         return [float(v) for v in values]
     if layout[1] == world:  # one rank per shard: a plain all-reduce
@@ -129,8 +124,8 @@ def all_reduce_sum(values: Sequence[float], layout: Layout | None = None) -> lis
 
 def gather_sharded(local: Sequence[T], total: int, layout: Layout | None = None) -> list[T]:
     """Undo :func:`shard`: every rank gets all ``total`` items back in their original order."""
-    _, world = rank_and_world()
-    layout = layout or rank_and_world()
+    _, world = rank_world()
+    layout = layout or rank_world()
     if world == 1:
         return list(local)
     parts = _one_per_shard(list(local), layout)

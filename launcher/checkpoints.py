@@ -51,6 +51,21 @@ class CheckpointStore:
         tags = self.complete_tags()
         return tags[-1] if tags else None
 
+    def discard_leftovers(self) -> list[Path]:
+        """Rank 0, at start-up: what an interrupted save or commit left behind (the staging
+        area, half-written pointer and marker files) is removed; complete checkpoints stay."""
+        if not self.root.is_dir():
+            return []
+        found = [self.staging] if self.staging.exists() else []
+        found += [p for p in self.root.glob("latest.tmp*") if p.is_file()]
+        found += [p for p in self.root.glob(f"step_*/{COMPLETE}.tmp*") if p.is_file()]
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return found
+
     def prepare(self) -> Path:
         """Rank 0, before every rank writes into the staging root."""
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,4 +1,8 @@
-"""CLI of the benchmark suite: `python -m launcher.evaluate --model DIR --tasks xcopa,bitext --languages sw,zh`."""
+"""CLI of the benchmark suite: `python -m launcher.evaluate --model DIR --tasks xcopa,bitext --languages sw,zh`.
+
+`--harness lm-eval --tasks xcopa_sw,mgsm_sw` runs lm-evaluation-harness tasks instead (eval.harness):
+the same table, JSON, charts and MLflow metrics as our own tasks.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 from config.schema import EvalSection
 from eval.benchmarks import BenchmarkError
 from eval.suite import TASKS, check_data, evaluate, publish, shifcon_hooks
-from eval.tasks import rank_and_world
+from model.layers import rank_world
 
 # CLI flag -> EvalSection field (defaults, types and checks all come from the schema).
 _FLAGS: dict[str, str] = {
@@ -44,14 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="export dir, HF dir, .gguf or embedded:NAME")
     for flag, name in _FLAGS.items():
-        extra = {"required": True} if name == "languages" else {}
-        p.add_argument(flag, dest=name, default=None, help=_help(name), **extra)
+        p.add_argument(flag, dest=name, default=None, help=_help(name))
     p.add_argument("--file", dest="files", action="append", default=[], metavar="TASK=PATTERN",
                    help=_help("files"))  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
     p.add_argument(
         "--no-shift", action="store_true", help="a ShifCon export without its shift (baseline)"
     )
+    p.add_argument("--harness", choices=("native", "lm-eval"), default="native",
+                   help="native: our tasks (--languages required); lm-eval: lm-evaluation-harness "
+                   "tasks by name (xcopa_sw, mgsm_sw on --data-dir; others from lm-eval)")  # fmt: skip
+    p.add_argument("--shift-language", default=None, metavar="LANG|auto",
+                   help="lm-eval: shift every prompt by LANG ('auto': detect each prompt); "
+                   "default: the task name's language, else detected")  # fmt: skip
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="lm-eval: format prompts with the model's chat template (lm-eval's "
+                   "--apply_chat_template); default: raw prompts, as lm-eval scores them")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     p.add_argument("--out", default=None, help="write results JSON here (charts beside it)")
@@ -91,6 +103,13 @@ def options_from_args(args: argparse.Namespace) -> EvalSection:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.harness == "lm-eval":
+        from launcher.lm_eval_cli import run_lm_eval
+
+        return run_lm_eval(args, _tracker)
+    if args.languages is None:
+        print("error: --languages is required (e.g. --languages sw,zh)", file=sys.stderr)
+        return 2
     try:
         options = options_from_args(args)
         check_data(options)
@@ -101,13 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from eval.scorer import HFScorer, load_model
-    from launcher.tracking import Tracker
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from parallel.distributed import init_distributed, resolve_device
 
         init_distributed(resolve_device("auto"))
-    rank, world = rank_and_world()
+    rank, world = rank_world()
     model, tokenizer = load_model(
         args.model, dtype=getattr(torch, args.dtype), attn_implementation=args.attn
     )
@@ -124,7 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     meta = {"model": str(args.model), "languages": options.languages, "limit": options.limit,
             "world_size": world, "skipped": skipped}  # fmt: skip
-    tracker = Tracker(
+    with _tracker(args) as tracker:
+        tracker.start(params={"eval": {**meta, "tasks": options.tasks}})
+        publish(results, skipped, meta, tracker, Path(args.out) if args.out else None)
+    return 0
+
+
+def _tracker(args: argparse.Namespace) -> Any:
+    """The MLflow tracker of an evaluation (inactive unless --track or --tracking-uri)."""
+    from launcher.tracking import Tracker
+
+    return Tracker(
         enabled=bool(args.tracking_uri or args.track),
         is_rank0=True,
         tracking_uri=args.tracking_uri,
@@ -132,10 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_name=args.run_name,
         log_system_metrics=False,
     )
-    with tracker:
-        tracker.start(params={"eval": {**meta, "tasks": options.tasks}})
-        publish(results, skipped, meta, tracker, Path(args.out) if args.out else None)
-    return 0
 
 
 if __name__ == "__main__":

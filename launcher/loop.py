@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config.errors import CheckpointWriteFailed, TrainingDiverged
 from config.recipe import dump_recipe
 from config.schema import Recipe
 from data.batching import DataPosition, GlobalBatchStream, rank_micro_batches
@@ -27,6 +28,7 @@ from data.formatting import Batch, Example, collate, num_label_tokens
 from data.pipeline import RunData, build_run_data
 from eval.engine import check_benchmarks, run_benchmarks
 from launcher.checkpoints import CheckpointStore, step_tag
+from launcher.serving import log_export
 from launcher.tracking import Tracker, flatten
 from launcher.universal import plan_resume
 from methods.registry import build_method
@@ -39,6 +41,7 @@ from parallel.distributed import (
     prepare_accelerator_env,
     resolve_device,
 )
+from parallel.safe_load import check_checkpoint, enforce_weights_only
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -188,12 +191,43 @@ def build_engine(recipe: Recipe, ctx: DistContext, backbone, method):
     raise ValueError(f"parallel.engine: {recipe.parallel.engine!r} is not available")
 
 
+def save_failure(exc: BaseException, where: Path, store: CheckpointStore) -> CheckpointWriteFailed:
+    """An OS error during a save as one message: the path, the cause, what is still safe.
+
+    torch's writer reports a full disk as ``basic_ios::clear: iostream error``; the free space
+    of the target says what happened.
+    """
+    import errno
+    import shutil
+
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        cause = "No space left on device"
+    else:
+        try:
+            free = shutil.disk_usage(where if where.exists() else store.root.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < 64 * 2**20:
+            cause = f"No space left on device ({free // 2**20} MiB free; {cause})"
+    latest = store.latest()
+    safe = (
+        f"the previous checkpoint {store.root / latest} is intact"
+        if latest
+        else "no earlier checkpoint"
+    )
+    return CheckpointWriteFailed(f"saving a checkpoint into {where} failed: {cause}; {safe}")
+
+
 def _save(engine, store: CheckpointStore, state: TrainState, ctx: DistContext, tracker) -> None:
     tag = step_tag(state.step)
     if ctx.is_rank0:
         store.prepare()
     barrier()
-    engine.save(store.staging, tag, state.to_client(engine.method_state()))
+    try:
+        engine.save(store.staging, tag, state.to_client(engine.method_state()))
+    except (OSError, RuntimeError) as exc:
+        raise save_failure(exc, store.staging / tag, store) from exc
     barrier()
     maybe_fail("checkpoint_commit", state.step)
     if ctx.is_rank0:
@@ -218,6 +252,7 @@ class Session:
 
 def open_session(recipe: Recipe, run_dir: Path) -> Session:
     """Join the process group, build data, method and engine, and restore the latest checkpoint."""
+    enforce_weights_only()  # a run directory is input: checkpoints load as data, never as code
     device = resolve_device(recipe.cluster.device)
     prepare_accelerator_env(device)
     ctx = init_distributed(device)
@@ -236,7 +271,13 @@ def open_session(recipe: Recipe, run_dir: Path) -> Session:
     _log(ctx, f"data: {json.dumps(data.summary(), ensure_ascii=False)}")
     method = build_method(recipe, data, tokenizer)
     store = CheckpointStore(run_dir / "checkpoints", recipe.checkpoint.keep_last)
+    if ctx.is_rank0:
+        for path in store.discard_leftovers():
+            _log(ctx, f"removed {path} (left by an interrupted save)")
+    barrier()
     tag = store.latest() if recipe.checkpoint.resume else None
+    if tag is not None:
+        check_checkpoint(store.root / tag)
     # Written by another world size: converted once to a universal checkpoint, loaded from there.
     resume = plan_resume(recipe, store.root, tag, ctx)
     engine = build_engine(resume.recipe, ctx, backbone, method)
@@ -278,7 +319,7 @@ def run_training(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         )
         if session.ctx.is_rank0 and run_id and known_run is None:
             run_info.write_text(json.dumps({"mlflow_run_id": run_id}))
-        method_tags = session.engine.method.run_tags()  # e.g. shifcon.band
+        method_tags = session.engine.method.run_tags()  # decisions taken at start-up
         tracker.log_params(method_tags)
         for key, value in method_tags.items():
             tracker.set_tag(key, value)
@@ -288,8 +329,41 @@ def run_training(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
             tracker.log_dict(session.data.summary(), "data_summary.json")
         summary = train(session, tracker)
     if session.ctx.is_rank0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(strict_json(summary))
     return summary
+
+
+def check_finite(result, step: int, store: CheckpointStore) -> None:
+    """Stop at the first non-finite loss or gradient norm: nothing after it is saved or exported.
+
+    The loss and the norm are reduced over all ranks, so every rank takes the same decision.
+    """
+    values = {"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics}
+    bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
+    if not bad:
+        return
+    latest = store.latest()
+    resume = f"the last good checkpoint is {store.root / latest}" if latest else "no checkpoint"
+    found = ", ".join(f"{k}={v}" for k, v in bad.items())
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {found}; {resume} (lower training.lr, check the "
+        "data, or resume from that checkpoint with other settings)"
+    )
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(obj: Any) -> str:
+    """JSON that every parser reads: NaN and infinities become null."""
+    return json.dumps(_finite_or_none(obj), indent=2, allow_nan=False)
 
 
 def micro_batches(session: Session, global_batch: Sequence[int]) -> list[Batch]:
@@ -351,6 +425,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         start = time.perf_counter()
         result = engine.train_step(micro, lr)
         elapsed = time.perf_counter() - start
+        check_finite(result, state.step + 1, store)
         state.step += 1
         state.losses.append(result.loss)
         state.method_metrics.append(result.metrics)
@@ -390,9 +465,11 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
         export_model(engine, tokenizer, recipe, data.languages, export_dir, ctx)
         for path in engine.method.artifacts(export_dir):
             tracker.log_artifact(path, f"method/{recipe.method.name}")
-        if recipe.tracking.log_model:
-            tracker.log_hf_model(export_dir)
     benchmarks = run_benchmarks(session, tracker, state.step)  # recipe eval:, on the engine
+    if export_dir is not None and recipe.tracking.log_model:
+        # After every final metric, at the final step: the LoggedModel links that step's
+        # metrics (held-out loss, benchmarks, last train step), not the run's first.
+        log_export(tracker, export_dir, state.step)
     counts = torch.tensor(engine.param_counts(), dtype=torch.long)
     shards = [torch.zeros_like(counts) for _ in range(ctx.world_size)]
     if torch.distributed.is_initialized():

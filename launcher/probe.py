@@ -31,7 +31,7 @@ def write_band_into(recipe_path: Path, band: tuple[int, int]) -> None:
 
 
 def _cli_inputs(args, tokenizer, languages: list[str]) -> ProbeInputs:
-    from data.formatting import encode_example
+    from data.formatting import encode_rows
     from data.pairs import load_pairs
     from data.sources import load_rows
 
@@ -52,20 +52,8 @@ def _cli_inputs(args, tokenizer, languages: list[str]) -> ProbeInputs:
         pair_ids.append((p.lang, en.input_ids, x.input_ids, en.span, x.span))
     if args.data:
         rows, _ = load_rows(args.data)
-        samples = []
-        for row in rows:
-            if row["lang"] not in languages:
-                continue
-            ex = encode_example(
-                tokenizer,
-                row["instruction"],
-                row["response"],
-                lang=row["lang"],
-                id=row["id"],
-                max_length=args.max_length,
-            )
-            if ex is not None:
-                samples.append((row["lang"], ex.input_ids, ex.span))
+        examples, _ = encode_rows(tokenizer, rows, languages, max_length=args.max_length)
+        samples = [(ex.lang, ex.input_ids, ex.span) for ex in examples]
     else:  # the pairs' own sentences: English once per pair item, targets per language
         samples, seen = [], set()
         for lang, en, target, en_span, target_span in pair_ids:

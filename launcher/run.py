@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.errors import UserError, WorkersFailed
+from config.errors import TrainingDiverged, UserError, WorkersFailed
 from config.recipe import RecipeError, dump_recipe, load_recipe
 from config.schema import Recipe
 
 
 def preflight(recipe: Recipe) -> None:
-    """Checks that need the filesystem, done before any work or run directory exists."""
+    """Checks that need the filesystem or the method registry, done before any work or run
+    directory exists."""
+    from methods.registry import backbone_errors, recipe_errors
+
+    _raise_first(recipe_errors(recipe))
     for section in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, section)):
             path = Path(source.path).expanduser()
@@ -33,18 +39,8 @@ def preflight(recipe: Recipe) -> None:
     layers = None  # known before any work only for a local backbone
     if config_file.is_file():
         layers = json.loads(config_file.read_text()).get("num_hidden_layers")
-    method = recipe.method
-    if isinstance(layers, int) and method.name == "shifcon" and method.band != "auto":
-        f, b = method.band
-        if not 1 <= f < b <= layers - 1:
-            raise RecipeError(
-                f"method.band: ({f}, {b}) does not fit the {layers}-layer backbone "
-                f"(need 1 <= f < b <= {layers - 1})"
-            )
-    if isinstance(layers, int) and method.name == "lens" and method.top_k >= layers:
-        raise RecipeError(
-            f"method.top_k: {method.top_k} must be below the backbone's {layers} layers"
-        )
+    if isinstance(layers, int):
+        _raise_first(backbone_errors(recipe.method, layers))
     looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
     if looks_local and not Path(backbone).expanduser().exists():
         raise RecipeError(f"model.backbone: {backbone} does not exist")
@@ -54,15 +50,20 @@ def preflight(recipe: Recipe) -> None:
             raise RecipeError("invalid layout\n  " + "\n  ".join(errors))
 
 
+def _raise_first(errors: list[str]) -> None:
+    if errors:
+        raise RecipeError(errors[0])
+
+
 def megatron_layout_errors(recipe: Recipe) -> list[str]:
     """TP/PP against the backbone's shape (its local config, else the known-architecture table;
     a hub id that is neither is checked when the engine reads its config)."""
+    from parallel.arch import UnknownArch, resolve_arch
     from parallel.megatron_model import layout_errors
-    from parallel.plan import resolve_arch
 
     try:
         arch = resolve_arch(recipe)
-    except SystemExit:
+    except UnknownArch:
         return []
     p = recipe.parallel
     return layout_errors(
@@ -119,30 +120,39 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(recipe.output_dir) / recipe.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     from launcher.ray_launch import choose_launcher
+    from launcher.run_lock import run_dir_lock
 
     mode = choose_launcher(recipe.cluster)  # a worker already (RANK set), Ray, or local
+    # The job's driver holds the run directory; of processes started as workers (torchrun,
+    # srun: RANK set), rank 0 does.
+    holds_lock = os.environ.get("RANK", "0") == "0"
     try:
-        if mode == "ray":
-            from launcher.ray_launch import launch_ray_workers
-
-            launch_ray_workers(recipe, run_dir)
-        elif mode == "local":
-            from launcher.local import launch_local_workers
-
-            launch_local_workers(recipe, run_dir)
-        else:
-            from launcher.loop import run_training
-
-            run_training(recipe, run_dir)
+        with run_dir_lock(run_dir) if holds_lock else contextlib.nullcontext():
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            _launch(mode, recipe, run_dir)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except WorkersFailed as exc:
+    except (WorkersFailed, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def _launch(mode: str, recipe: Recipe, run_dir: Path) -> None:
+    if mode == "ray":
+        from launcher.ray_launch import launch_ray_workers
+
+        launch_ray_workers(recipe, run_dir)
+    elif mode == "local":
+        from launcher.local import launch_local_workers
+
+        launch_local_workers(recipe, run_dir)
+    else:
+        from launcher.loop import run_training
+
+        run_training(recipe, run_dir)
 
 
 if __name__ == "__main__":

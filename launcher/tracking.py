@@ -104,8 +104,21 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return _truncate(f"{type(exc).__name__}: {text}", limit)
 
 
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:token|access_token|api_key|apikey|key|password|secret|sig)=)[^&\s\"']+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``scheme://user:***@host`` and ``?token=***``: credentials never reach a log or a param."""
+    text = _URI_CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+    return _SECRET_QUERY.sub(r"\g<key>***", text)
+
+
 def _warn(message: str) -> None:
-    print(f"mlflow: {message}", file=sys.stderr, flush=True)
+    print(f"mlflow: {redact(message)}", file=sys.stderr, flush=True)
 
 
 def _local_sqlite_uri(workdir: str | os.PathLike) -> str:
@@ -148,6 +161,15 @@ def _hf_requirements() -> list[str]:
         "safetensors",
         "sentencepiece",
     ):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+    return reqs
+
+
+def _pyfunc_requirements() -> list[str]:
+    # What the pyfunc's code file and the request frames need beyond the HF stack.
+    reqs = []
+    for dist in ("mlflow", "pandas"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
     return reqs
@@ -403,7 +425,7 @@ class Tracker:
         changed: dict[str, str] = {}
         for key, value in flatten(params).items():
             name = sanitize_key(key)
-            text = _truncate(str(value), MAX_PARAM_VALUE_LENGTH)
+            text = _truncate(redact(str(value)), MAX_PARAM_VALUE_LENGTH)
             if name not in self._params:
                 new[name] = text
             elif self._params[name] != text:
@@ -443,7 +465,11 @@ class Tracker:
             return
         client = self._client
         self._guard(
-            f"logging {artifact_file}", client.log_text, self._run_id, str(text), artifact_file
+            f"logging {artifact_file}",
+            client.log_text,
+            self._run_id,
+            redact(str(text)),
+            artifact_file,
         )
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -467,7 +493,7 @@ class Tracker:
             self._client.set_tag,
             self._run_id,
             sanitize_key(key),
-            _truncate(str(value), MAX_TAG_VALUE_LENGTH),
+            _truncate(redact(str(value)), MAX_TAG_VALUE_LENGTH),
         )
 
     @contextlib.contextmanager
@@ -485,7 +511,12 @@ class Tracker:
     # -- models --------------------------------------------------------------------------------
 
     def log_hf_model(
-        self, export_dir: str | os.PathLike, *, task: str = "llm/v1/chat", name: str = "model"
+        self,
+        export_dir: str | os.PathLike,
+        *,
+        task: str = "llm/v1/chat",
+        name: str = "model",
+        step: int = 0,
     ) -> str | None:
         """Log a Hugging Face export directory as an MLflow model without loading its weights.
 
@@ -493,7 +524,9 @@ class Tracker:
         bandwidth but not memory. Registers it under ``registered_model_name`` when set and
         returns ``models:/<name>/<version>`` (or ``models:/<model_id>`` when unregistered).
         If the transformers flavor cannot be written (e.g. no tokenizer in the directory), the
-        directory is logged as a plain LoggedModel and registered anyway.
+        directory is logged as a plain LoggedModel and registered anyway. ``step``: the model
+        is the run's output at that step, and the run's metrics of that step are linked to it
+        (log it after the final metrics, with the final step).
         """
         if not self._active:
             return None
@@ -503,15 +536,73 @@ class Tracker:
             return None
         with self._long_requests():
             try:
-                return self._log_transformers(path, task, name)
+                return self._log_transformers(path, task, name, step)
             except Exception as exc:
                 _warn(
                     f"transformers flavor failed ({_one_line(exc, 200)}); "
                     "logging the checkpoint files instead"
                 )
-            return self._guard("logging the model", self._log_checkpoint_files, path, name)
+            return self._guard("logging the model", self._log_checkpoint_files, path, name, step)
 
-    def _log_transformers(self, path: Path, task: str, name: str) -> str:
+    def log_pyfunc_model(
+        self,
+        export_dir: str | os.PathLike,
+        *,
+        python_model: str | os.PathLike,
+        code_paths: list[str],
+        signature: Any,
+        step: int,
+        name: str = "model",
+    ) -> str | None:
+        """Log an export as an MLflow pyfunc defined by a code file (MLflow "models from
+        code": the file is copied, nothing is pickled) with the export directory as its
+        ``export`` artifact, copied file by file. Registered and linked to the metrics of
+        ``step`` like `log_hf_model`."""
+        if not self._active:
+            return None
+        path = Path(export_dir).resolve()
+        with self._long_requests():
+            return self._guard(
+                "logging the model",
+                self._log_pyfunc,
+                path,
+                str(Path(python_model).resolve()),
+                code_paths,
+                signature,
+                step,
+                name,
+            )
+
+    def _log_pyfunc(
+        self,
+        path: Path,
+        python_model: str,
+        code_paths: list[str],
+        signature: Any,
+        step: int,
+        name: str,
+    ) -> str:
+        import mlflow.pyfunc
+
+        active = mlflow.active_run()
+        resume = active is None or active.info.run_id != self._run_id
+        with mlflow.start_run(run_id=self._run_id) if resume else contextlib.nullcontext():
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=python_model,
+                artifacts={"export": str(path)},
+                code_paths=code_paths,
+                signature=signature,
+                pip_requirements=_hf_requirements() + _pyfunc_requirements(),
+                registered_model_name=self._registered_model_name,
+                step=step,
+            )
+        version = info.registered_model_version
+        if self._registered_model_name and version is not None:
+            return f"models:/{self._registered_model_name}/{version}"
+        return info.model_uri
+
+    def _log_transformers(self, path: Path, task: str, name: str, step: int) -> str:
         import mlflow.transformers
 
         card = None
@@ -528,13 +619,14 @@ class Tracker:
                 pip_requirements=_hf_requirements(),
                 model_card=card,
                 run_id=self._run_id,
+                step=step,
             )
         version = info.registered_model_version
         if self._registered_model_name and version is not None:
             return f"models:/{self._registered_model_name}/{version}"
         return info.model_uri
 
-    def _log_checkpoint_files(self, path: Path, name: str) -> str:
+    def _log_checkpoint_files(self, path: Path, name: str, step: int) -> str:
         import mlflow
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
@@ -548,8 +640,33 @@ class Tracker:
         )
         client.log_model_artifacts(model.model_id, str(path))
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, step=0)])
+        client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, step=step)])
+        self._link_metrics(model.model_id, step)
         if not self._registered_model_name:
             return f"models:/{model.model_id}"
         version = mlflow.register_model(f"models:/{model.model_id}", self._registered_model_name)
         return f"models:/{self._registered_model_name}/{version.version}"
+
+    def _link_metrics(self, model_id: str, step: int) -> None:
+        """The run's metrics of ``step``, logged again with ``model_id``: what MLflow's own
+        ``log_model(step=...)`` does, for a model created by hand."""
+        from mlflow.entities import Metric
+
+        client = self._client
+        linked = [
+            Metric(
+                m.key,
+                m.value,
+                m.timestamp,
+                m.step,
+                model_id,
+                m.dataset_name,
+                m.dataset_digest,
+                self._run_id,
+            )
+            for key in client.get_run(self._run_id).data.metrics
+            for m in client.get_metric_history(self._run_id, key)
+            if m.step == step and m.model_id is None
+        ]
+        for i in range(0, len(linked), MAX_METRICS_PER_BATCH):
+            client.log_batch(self._run_id, metrics=linked[i : i + MAX_METRICS_PER_BATCH])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from config.errors import UserError
+from config.errors import TrainingDiverged, UserError
 from config.recipe import load_recipe
 from launcher.loop import run_training
 
@@ -17,6 +17,9 @@ def main(run_dir: str) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return 0
 
 

@@ -1,7 +1,7 @@
 """Lens: edit the top k decoder layers so that target languages move toward English along the
 language-agnostic direction and apart in the language-specific subspace, English kept.
 
-Specification: DESIGN.md, "Lens specification". Choices made here:
+Specification: docs/methods.md, "Lens specification". Choices made here:
 
 - Representations h are the raw output of the top decoder layer L (before the final norm),
   mean-pooled over the content tokens of each chat-formatted prompt (no answer tokens).
@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from config.errors import UserError
-from data.formatting import Batch, Example, chat_prompt_ids
+from data.batching import even_rounds
+from data.formatting import Batch, Example, chat_prompt_ids, right_pad
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
 from methods.subspace import agnostic_direction, decompose, project, project_direction
@@ -143,15 +144,6 @@ class Lens(Method):
         ids = chat_prompt_ids(self.tokenizer, text, self.system_prompt)
         return ids[-self.cfg.prompts.max_length :]  # keep the end: it holds the generation cue
 
-    def _pad(self, seqs: list[list[int]], device) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        return ids.to(device), mask.to(device)
-
     def top_states(
         self, model: nn.Module, ids: Tensor, mask: Tensor, reference: bool = True
     ) -> tuple[Tensor, Tensor | None]:
@@ -204,18 +196,16 @@ class Lens(Method):
                 seqs.append((0, self._prompt_ids(p.en)))
             seqs.append((self.lang_index[p.lang], self._prompt_ids(p.target)))
         batches = [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
-        mine = batches[rank::world]
-        rounds = -(-len(batches) // world)
         hidden = unwrap(model).config.hidden_size
         sums = torch.zeros(len(self.languages), hidden + 1, dtype=torch.float64, device=device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for r in range(rounds):
-                group = mine[r] if r < len(mine) else batches[0]
-                ids, mask = self._pad([s for _, s in group], device)
+            for group, filler in even_rounds(batches, rank, world):
+                ids, mask = right_pad([s for _, s in group], self.tokenizer.pad_token_id)
+                ids, mask = ids.to(device), mask.to(device)
                 h, _ = self.top_states(model, ids, mask, reference=False)
-                if r < len(mine):
+                if not filler:
                     lang = torch.tensor([k for k, _ in group], device=device)
                     sums[:, :hidden].index_add_(0, lang, h.double())
                     sums[:, hidden].index_add_(0, lang, torch.ones_like(lang, dtype=sums.dtype))
@@ -245,7 +235,8 @@ class Lens(Method):
         pairs = self._pair_batch()
         device = device_of(model)
         seqs = [self._prompt_ids(p.en) for p in pairs] + [self._prompt_ids(p.target) for p in pairs]
-        ids, mask = self._pad(seqs, device)
+        ids, mask = right_pad(seqs, self.tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         h, h0 = self.top_states(model, ids, mask)
         n = len(pairs)
         lang = torch.tensor([self.lang_index[p.lang] for p in pairs], device=device)

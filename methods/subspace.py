@@ -3,7 +3,7 @@
 Used by ShifCon (choose the layer band [f, b]) and Lens (agnostic direction and specific
 subspace of the top layer). Plain tensor functions, shared by every engine.
 
-The subspace distance below is this project's own definition (DESIGN.md, "Subspace distance
+The subspace distance below is this project's own definition (docs/methods.md, "Subspace distance
 metric and layer-band selection"): the ShifCon paper's exact formula was not available to us.
 """
 

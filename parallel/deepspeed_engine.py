@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from methods.base import Method
 from model.backbone import ResolvedBackbone, load_causal_lm
 from parallel.distributed import DistContext, all_reduce_sum_
 from parallel.ds_config import build_deepspeed_config, resolve_precision
-from parallel.engine import Engine, StepResult
+from parallel.engine import DecodeState, Engine, StepResult
 
 
 class DeepSpeedEngine(Engine):
@@ -86,6 +87,27 @@ class DeepSpeedEngine(Engine):
         logits = self.method.logits(self.ds, batch)
         self.ds.train()
         return logits
+
+    # -- cached generation ------------------------------------------------------------------
+
+    def prefill(self, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, DecodeState]:
+        """ZeRO-3 on one rank: DeepSpeed's ``unwrap_model_for_generation`` for the whole decode
+        (every weight gathered once and ZeRO's per-module hooks off: what TRL generates with),
+        instead of gathering and freeing each layer and running the hooks at every token; on
+        one rank the partition is the whole model already, so only the working copy is extra.
+        On more ranks each layer is gathered and freed per step, as in any ZeRO-3 forward
+        (the memory-safe path for a model that does not fit one device)."""
+        if not (self.zero_stage == 3 and self.ctx.world_size == 1):
+            return super().prefill(batch, max_new_tokens)
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        held = ExitStack()
+        held.enter_context(unwrap_model_for_generation(self.ds))
+        try:
+            return self._hf_prefill(batch, self.module, held)
+        except BaseException:
+            held.close()
+            raise
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.module.parameters())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -15,6 +16,15 @@ from typing import Literal
 import torch
 
 Device = Literal["cpu", "cuda"]
+
+# torch 2.13 renamed the tensor collectives DeepSpeed and megatron-core call on every step
+# (`all_gather_into_tensor` -> `all_gather_single`, ...); the warning is theirs to act on and
+# would otherwise print once per step of every run.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.\w+`",
+    category=FutureWarning,
+)
 
 
 def resolve_device(requested: str) -> Device:

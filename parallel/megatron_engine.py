@@ -2,18 +2,17 @@
 
 The recipe's data, method and tracking sections are the same as for DeepSpeed; this adapter only
 decides where layers live (parallel_state: TP x PP x DP), how a micro-batch crosses the pipeline
-(megatron-core's own schedules), and which group reduces what. A Hugging Face checkpoint goes in
-(`parallel/megatron_convert.py`), a Hugging Face directory comes out, and checkpoints in between
-are megatron-core distributed checkpoints, which reload into any TP/PP/DP layout.
+(`parallel/megatron_schedule.py`: megatron-core's own schedules), and which group reduces what.
+A Hugging Face checkpoint goes in and a Hugging Face directory comes out
+(`parallel/megatron_io.py`); checkpoints in between are megatron-core distributed checkpoints,
+which reload into any TP/PP/DP layout. The method runs as its `MegatronStage` (methods/base.py,
+chosen by methods/registry.py): this file calls the stage's hooks and never names a method.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,19 @@ from torch import Tensor
 from config.errors import UserError
 from config.schema import Recipe
 from data.formatting import Batch, Example
-from methods.base import Method, lm_loss
+from methods.base import Method, StageContext, lm_loss
+from methods.registry import megatron_stage_class
 from model.backbone import ResolvedBackbone
 from parallel import megatron_cpu
 from parallel.distributed import DistContext
 from parallel.ds_config import resolve_precision
 from parallel.engine import Engine, StepResult
-from parallel.megatron_convert import hf_to_mcore, mcore_to_hf
+from parallel.megatron_io import (
+    SafetensorsReader,
+    StagePlace,
+    export_hf_weights,
+    load_hf_weights,
+)
 from parallel.megatron_model import (
     DecoderShape,
     build_gpt_model,
@@ -39,6 +44,8 @@ from parallel.megatron_model import (
     summary,
     transformer_config,
 )
+from parallel.megatron_schedule import Feed, Pipeline, no_loss, record_layer_outputs
+from parallel.safe_load import load_tensors
 
 CLIENT_STATE = "polyshift_client_state.pt"
 
@@ -51,43 +58,6 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 
-@dataclass
-class Feed:
-    """One micro-batch as megatron sees it: ids and, for a method, per-row context."""
-
-    input_ids: Tensor  # [rows, T]
-    context: Tensor | None  # [rows, 5] (see model/shifcon_megatron.py) or None
-    batch: Batch | None  # the LM rows (labels, normaliser); None for a probe pass
-
-
-class SafetensorsReader:
-    """Lazy HF tensor reads: a stage opens only the tensors of its own layers."""
-
-    def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
-        else:
-            single = directory / "model.safetensors"
-            if not single.is_file():
-                raise UserError(
-                    f"model.backbone: {directory} has no safetensors weights (the megatron "
-                    "engine reads model.safetensors or its index)"
-                )
-            with safe_open(str(single), "pt") as f:
-                files = dict.fromkeys(f.keys(), "model.safetensors")
-        self.directory, self.files = directory, files
-        self._open = safe_open
-
-    def __call__(self, name: str) -> Tensor:
-        if name not in self.files:
-            raise KeyError(f"{self.directory}: no tensor {name!r} in the checkpoint")
-        with self._open(str(self.directory / self.files[name]), "pt") as f:
-            return f.get_tensor(name)
-
-
 class MegatronEngine(Engine):
     def __init__(
         self, recipe: Recipe, ctx: DistContext, backbone: ResolvedBackbone, method: Method
@@ -96,6 +66,7 @@ class MegatronEngine(Engine):
         from transformers import AutoConfig
 
         self.ctx, self.method, self.recipe = ctx, method, recipe
+        stage_class = megatron_stage_class(method.name)  # a recipe error before any work
         p = recipe.parallel
         self.tp, self.pp = p.tensor_parallel, p.pipeline_parallel
         self.on_gpu = ctx.device == "cuda"
@@ -139,21 +110,37 @@ class MegatronEngine(Engine):
             self.pp_rank = ps.get_pipeline_model_parallel_rank()
             self.tp_rank = ps.get_tensor_model_parallel_rank()
             self.layers = stage_layers(self.tconfig, self.pp_rank)
-            self.stage = self._method_stage(method)
+            self.place = StagePlace(
+                self.shape, self.layers, self.tp, self.tp_rank, self.pp, self.pp_rank
+            )
+            self.stage = stage_class(
+                method,
+                StageContext(
+                    layers=self.layers,
+                    hidden_size=self.shape.hidden,
+                    dp_rank=ps.get_data_parallel_rank(),
+                    dp_size=ps.get_data_parallel_world_size(),
+                    dp_group=ps.get_data_parallel_group(),
+                    pp_group=ps.get_pipeline_model_parallel_group(),
+                    pp_size=self.pp,
+                    sequence_parallel=p.sequence_parallel,
+                    device=ctx.torch_device,
+                ),
+            )
             model = build_gpt_model(
                 self.shape,
                 self.tconfig,
                 tp=self.tp,
                 pp_rank=self.pp_rank,
                 pp=self.pp,
-                layer_class_for=self.stage.layer_class_for if self.stage else None,
+                layer_class_for=self.stage.layer_class_for,
             )
-            self._load_hf(model, SafetensorsReader(Path(backbone.path)))
+            load_hf_weights(model, SafetensorsReader(Path(backbone.path)), self.place)
             if self.on_gpu:
                 model.cuda(torch.cuda.current_device())
-            if self.stage is not None:
-                self.stage.attach(model)
+            self.stage.attach(model)
             self.model, self.optimizer = self._wrap(model, recipe)
+            self.pipeline = Pipeline(self.model, self.stage, ctx.torch_device, self.device_scope)
         self.config = {
             "engine": "megatron",
             **summary(self.shape, self.tp, self.pp, self.dp_size),
@@ -177,49 +164,6 @@ class MegatronEngine(Engine):
             model_parallel_cuda_manual_seed(seed)
         else:
             megatron_cpu.seed_model_parallel_rng(seed, ps.get_tensor_model_parallel_rank())
-
-    def _method_stage(self, method: Method):
-        if method.name == "sft":
-            return None
-        if method.name == "shifcon":
-            from megatron.core import parallel_state as ps
-
-            from methods.shifcon.megatron import ShifConStage
-
-            try:
-                return ShifConStage(
-                    method,
-                    self.layers,
-                    hidden_size=self.shape.hidden,
-                    dp_group=ps.get_data_parallel_group(),
-                    sequence_parallel=self.recipe.parallel.sequence_parallel,
-                    device=self.ctx.torch_device,
-                )
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-        raise UserError(f"method.name: {method.name!r} is not available on the megatron engine")
-
-    def _load_hf(self, model: torch.nn.Module, read: SafetensorsReader) -> None:
-        first, last = self.pp_rank == 0, self.pp_rank == self.pp - 1
-        converted = hf_to_mcore(
-            read,
-            self.shape,
-            self.layers,
-            tp=self.tp,
-            tp_rank=self.tp_rank,
-            pre_process=first,
-            post_process=last,
-        )
-        state = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
-        if set(state) != set(converted):
-            missing, extra = (
-                sorted(set(state) - set(converted)),
-                sorted(set(converted) - set(state)),
-            )
-            raise RuntimeError(f"HF -> megatron: missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for name, tensor in converted.items():
-                state[name].copy_(tensor)
 
     def _wrap(self, model: torch.nn.Module, recipe: Recipe):
         from megatron.core.distributed import (
@@ -276,108 +220,59 @@ class MegatronEngine(Engine):
 
         return ps.get_data_parallel_world_size()
 
-    def _run(self, feeds: Sequence[Feed], *, forward_only: bool, loss_func) -> list[Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        def forward_step(data_iterator: Iterator[Feed], model):
-            feed = next(data_iterator)
-            device = self.ctx.torch_device
-            ids = feed.input_ids.to(device)
-            positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-            extra = None
-            if feed.context is not None:
-                extra = {"context": self.stage.rows_reaching_stage(feed.context).to(device)}
-            # No attention mask: rows are right-padded and attention is causal, so content
-            # positions never see padding (padding positions are masked out of every loss).
-            output = model(ids, positions, None, extra_block_kwargs=extra)
-            return output, partial(loss_func, feed)
-
-        with self.device_scope():
-            return get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iter(feeds),
-                model=[self.model],
-                num_microbatches=len(feeds),
-                seq_length=max(f.input_ids.shape[1] for f in feeds),
-                micro_batch_size=max(f.input_ids.shape[0] for f in feeds),
-                forward_only=forward_only,
-            )
-
     def _train_loss(self, feed: Feed, logits: Tensor):
-        # Pair rows may have widened the micro-batch: the LM rows' own width is the label width.
+        # Extra rows may have widened the micro-batch: the LM rows' own width is the label width.
         width = feed.batch.labels.shape[1]
         logits = logits[:, :width, : self.shape.vocab].float()
         lm = lm_loss(logits, feed.batch.to(logits.device))
-        weight = self.stage.lm_weight if self.stage else 1.0
-        return weight * lm, {"loss_lm": lm.detach()}
+        return self.stage.lm_term(lm), {"loss_lm": lm.detach()}
 
     def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
         n = len(micro_batches)
-        if self.stage is not None:
-            self.stage.begin_step(n)
-            feeds = [
-                Feed(*self.stage.with_pairs(mb, i, self.dp_rank, self.dp_size), mb)
-                for i, mb in enumerate(micro_batches)
-            ]
-        else:
-            feeds = [Feed(mb.input_ids, None, mb) for mb in micro_batches]
+        self.stage.begin_step(n)
+        feeds = [Feed(*self.stage.train_rows(mb, i), mb) for i, mb in enumerate(micro_batches)]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(feeds, forward_only=False, loss_func=self._train_loss)
+        outputs = self.pipeline.run(feeds, forward_only=False, loss_func=self._train_loss)
         with self.device_scope():
             _, grad_norm, _ = self.optimizer.step()
-        if self.stage is not None:
-            self.stage.end_step()
-            if self.method.cfg.vector_mode == "running":
-                self._sync_method_stats()
+        self.stage.end_step()
         return self._step_result(outputs, n, grad_norm)
 
     def _step_result(self, outputs: list[dict], n: int, grad_norm) -> StepResult:
-        """Every logged scalar in one all-reduce: LM terms from the last stage, contrastive
-        terms from the stages that own band layers, each counted once per TP group."""
-        band = list(range(self.stage.f, self.stage.b)) if self.stage else []
-        values = torch.zeros(1 + len(band), dtype=torch.float64)
+        """Every logged scalar in one all-reduce: LM terms from the last stage, the method's
+        from the stages that own them, each counted once per TP group."""
+        extra = self.stage.step_values()
+        values = torch.zeros(1 + len(extra), dtype=torch.float64)
         if self.tp_rank == 0:
             if self.pp_rank == self.pp - 1:
                 values[0] = sum(float(o["loss_lm"]) for o in outputs)
-            if self.stage is not None:
-                for (_, layer), value in self.stage.mcl_values.items():
-                    values[1 + band.index(layer)] += value
+            values[1:] = extra
         dist.all_reduce(values)
         values /= n * self.dp_size
-        lm = values[0].item()
-        metrics = {"loss_lm": lm}
-        loss = lm
-        if self.stage is not None:
-            mcl = values[1:].mean().item()
-            cfg = self.method.cfg
-            loss = cfg.alpha * lm + cfg.beta * mcl
-            metrics["loss_mcl"] = mcl
-            metrics.update(
-                {f"loss_mcl/L{layer}": values[1 + j].item() for j, layer in enumerate(band)}
-            )
+        loss, metrics = self.stage.step_result(values[0].item(), values[1:])
         return StepResult(
             loss=loss, grad_norm=None if grad_norm is None else float(grad_norm), metrics=metrics
         )
+
+    def _eval_feed(self, batch: Batch) -> Feed:
+        return Feed(batch.input_ids, self.stage.eval_context(batch), batch)
 
     @torch.no_grad()
     def forward_logits(self, batch: Batch) -> Tensor:
         """Full logits on every rank: computed on the last stage, broadcast over the pipeline."""
         from megatron.core import parallel_state as ps
 
-        context = self.stage.lm_rows(batch, 0) if self.stage else None
         captured: list[Tensor] = []
 
         def keep(feed: Feed, logits: Tensor):
             captured.append(logits[..., : self.shape.vocab].float())
             return logits.new_zeros(()), {}
 
-        self.model.eval()
-        self._run([Feed(batch.input_ids, context, batch)], forward_only=True, loss_func=keep)
-        self.model.train()
+        self.pipeline.forward_only(self._eval_feed(batch), keep)
         b, t = batch.input_ids.shape
         device = self.ctx.torch_device
         logits = captured[0] if captured else torch.empty(b, t, self.shape.vocab, device=device)
@@ -390,41 +285,30 @@ class MegatronEngine(Engine):
         return logits
 
     @torch.no_grad()
+    def prefill(self, batch: Batch, max_new_tokens: int):
+        """Cached greedy decoding through every stage (`parallel/megatron_generate.py`)."""
+        from parallel import megatron_generate
+
+        return megatron_generate.prefill(self, batch, max_new_tokens)
+
+    @torch.no_grad()
+    def decode(self, state, tokens: Tensor) -> Tensor:
+        from parallel import megatron_generate
+
+        return megatron_generate.decode(self, state, tokens)
+
+    @torch.no_grad()
     def hidden_states(self, batch: Batch) -> list[Tensor]:
         """Every layer's output on every rank: each stage records its own layers (after the
-        method's shift, as transformers reports them; the last entry after the final norm),
+        method's forward, as transformers reports them; the last entry after the final norm),
         then the stages exchange them."""
         from megatron.core import parallel_state as ps
 
-        module = self.model.module
-        captured: dict[int, Tensor] = {}
-
-        def record(index: int):
-            def hook(_module, _args, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                if self.recipe.parallel.sequence_parallel:
-                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-                    hidden = gather_from_sequence_parallel_region(hidden)
-                captured[index] = hidden.transpose(0, 1).float().cpu()
-
-            return hook
-
-        modules = [(layer.layer_number, layer) for layer in module.decoder.layers]
-        if module.pre_process:
-            modules.insert(0, (0, module.embedding))
-        if module.post_process:  # registered last: replaces layer L's entry with the normed one
-            modules.append((self.shape.layers, module.decoder.final_layernorm))
-        handles = [m.register_forward_hook(record(i)) for i, m in modules]
+        captured, handles = record_layer_outputs(
+            self.model.module, self.shape.layers, self.recipe.parallel.sequence_parallel
+        )
         try:
-            context = self.stage.lm_rows(batch, 0) if self.stage else None
-            self.model.eval()
-            self._run(
-                [Feed(batch.input_ids, context, batch)],
-                forward_only=True,
-                loss_func=lambda feed, out: (out.new_zeros(()), {}),
-            )
-            self.model.train()
+            self.pipeline.forward_only(self._eval_feed(batch))
         finally:
             for handle in handles:
                 handle.remove()
@@ -436,41 +320,13 @@ class MegatronEngine(Engine):
     # -- method state -----------------------------------------------------------------------
 
     def prepare_method(self, examples: Sequence[Example], batch_size: int) -> None:
-        """ShifCon precompute: the vector samples through the frozen model, unshifted, each DP
-        rank a share; every stage records its own layers; one all-reduce per stage."""
-        if self.stage is None:
-            return
-        batches = self.method.vector_batches(examples, batch_size)
-        pad = self.method.tokenizer.pad_token_id
-        self.stage.stats = self.stage.empty_stats()
-        self.model.eval()
-        for group in batches[self.dp_rank :: self.dp_size]:
-            ids, context = self.stage.probe_rows(group, pad)
-            self._run(
-                [Feed(ids, context, None)],
-                forward_only=True,
-                loss_func=lambda feed, out: (out.new_zeros(()), {}),
-            )
-        self.model.train()
-        self.stage.reduce_stats()
-        self._sync_method_stats()
+        def forward(ids: Tensor, context: Tensor | None) -> None:
+            self.pipeline.forward_only(Feed(ids, context, None), no_loss)
 
-    def _sync_method_stats(self) -> None:
-        """The method's full statistics (every band layer) from the stages that own them: what
-        checkpoints, exports and metrics read."""
-        from megatron.core import parallel_state as ps
-
-        from methods.shifcon.megatron import merge_stage_stats
-
-        mine = self.stage.stats.state_dict() if self.stage.stats is not None else None
-        parts: list[Any] = [None] * self.pp
-        dist.all_gather_object(parts, mine, group=ps.get_pipeline_model_parallel_group())
-        self.method.stats = merge_stage_stats(parts, self.method.languages)
+        self.stage.prepare(forward, examples, batch_size)
 
     def restore_method(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state)
-        if self.stage is not None and self.method.stats is not None:
-            self.stage.take_stats(self.method.stats)
+        self.stage.restore(state)
 
     # -- checkpoints and export -------------------------------------------------------------
 
@@ -511,52 +367,24 @@ class MegatronEngine(Engine):
             state = dist_checkpointing.load(self._sharded_state(loading=True), str(directory))
             self.model.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        return torch.load(directory / CLIENT_STATE, weights_only=False)
+        return load_tensors(directory / CLIENT_STATE)
 
     def method_state(self) -> dict[str, Any]:
-        if self.stage is not None:
-            self._sync_method_stats()
+        self.stage.sync_state()
         return self.method.state_dict()
 
     def export(self, directory: Path) -> None:
-        """Each stage's TP group gathers its shards; its TP rank 0 writes that stage's
-        safetensors file; rank 0 writes the index and config. No rank holds the whole model."""
+        """Each stage's TP group gathers its shards; no rank holds the whole model."""
         from megatron.core import parallel_state as ps
-        from safetensors.torch import save_file
 
-        if self.stage is not None:
-            self._sync_method_stats()
-        module = self.model.module
-        local = {k: v.detach() for k, v in module.state_dict().items() if "_extra_state" not in k}
-        tp_group = ps.get_tensor_model_parallel_group()
-        shards: list[dict[str, Tensor]] = [{} for _ in range(self.tp)]
-        for name in sorted(local):
-            parts = [torch.empty_like(local[name]) for _ in range(self.tp)]
-            dist.all_gather(parts, local[name].contiguous(), group=tp_group)
-            for r, part in enumerate(parts):
-                shards[r][name] = part.cpu()
-        hf = mcore_to_hf(
-            shards,
-            self.shape,
-            self.layers,
-            pre_process=self.pp_rank == 0,
-            post_process=self.pp_rank == self.pp - 1,
+        self.stage.sync_state()
+        export_hf_weights(
+            self.model.module,
+            directory,
+            self.place,
+            tp_group=ps.get_tensor_model_parallel_group(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+            hf_config=self.hf_config,
+            dtype=self.dtype,
+            is_rank0=self.ctx.is_rank0,
         )
-        filename = f"model-{self.pp_rank + 1:05d}-of-{self.pp:05d}.safetensors"
-        names: list[Any] = [None] * self.pp
-        dist.all_gather_object(names, sorted(hf), group=ps.get_pipeline_model_parallel_group())
-        if self.tp_rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file(hf, str(directory / filename), metadata={"format": "pt"})
-        if self.ctx.is_rank0:
-            weight_map = {
-                name: f"model-{stage + 1:05d}-of-{self.pp:05d}.safetensors"
-                for stage, stage_names in enumerate(names)
-                for name in stage_names
-            }
-            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
-            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            config = self.hf_config.to_dict()
-            config["dtype"] = str(self.dtype).removeprefix("torch.")
-            self.hf_config.__class__.from_dict(config).save_pretrained(directory)
-        dist.barrier()

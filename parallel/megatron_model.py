@@ -5,9 +5,9 @@ grouped-query attention, with tied or untied embeddings and, for Qwen2, a QKV bi
 is read from the HF config once (`DecoderShape`); the megatron `TransformerConfig`, the layer
 specs and the weight converter (`parallel/megatron_convert.py`) all start from it.
 
-Layer specs are megatron-core's own local (non-Transformer-Engine) specs; a method may swap the
-layer class of chosen (global) layer numbers, which is how ShifCon's shift layers are placed on
-whichever pipeline stage owns them.
+Layer specs are megatron-core's own local (non-Transformer-Engine) specs; a method's stage may
+swap the layer class of chosen (global) layer numbers, which is how a method's own layers are
+placed on whichever pipeline stage owns them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from parallel.arch import Arch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -81,13 +83,25 @@ class DecoderShape:
         )
 
     @property
+    def arch(self) -> Arch:
+        """The planner's view of this shape: the one definition of the parameter count."""
+        return Arch(
+            self.model_type,
+            self.layers,
+            self.hidden,
+            self.ffn,
+            self.heads,
+            self.kv_heads,
+            self.vocab,
+            tied_embeddings=self.tied,
+            head_dim=self.head_dim,
+            qkv_bias=self.qkv_bias,
+        )
+
+    @property
     def num_params(self) -> int:
         """Parameters of the Hugging Face model (what the whole pipeline holds, once)."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        layer = 2 * h + (q + 2 * kv) * h + q * h + 3 * h * self.ffn
-        layer += (q + 2 * kv) if self.qkv_bias else 0
-        heads = 1 if self.tied else 2
-        return self.layers * layer + heads * self.vocab * h + h
+        return self.arch.total_params
 
     def padded_vocab(self, tp: int) -> int:
         """Vocab rows padded to a multiple of TP (megatron splits the vocab evenly)."""
@@ -142,8 +156,8 @@ def transformer_config(
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Micro-batches differ in length (length-bucketed batches) and ShifCon's contrastive
-        # rows leave the batch after layer b-1: stages exchange shapes with each activation.
+        # Micro-batches differ in length (length-bucketed batches) and a method's extra rows
+        # may leave the batch part-way: stages exchange shapes with each activation.
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # dense model; the default rejects the line above
         # Weights come from the HF checkpoint: no random init of a 70B model first.

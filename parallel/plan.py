@@ -37,8 +37,9 @@ Assumptions (all per GPU, bytes):
   et al.); the 1F1B schedule keeps min(PP, micro-batches per step) micro-batches in flight on the
   first stage, each with L/PP layers.
 - Logits: s*b*V*(2 + 4 + 4): 16-bit logits, their fp32 upcast for the loss, and its gradient.
-- ShifCon: the contrastive forward on 2*mcl_batch_size pair sequences (pairs.max_length tokens)
-  through layers 1..b-1 keeps its activations for the backward.
+- A method's own sequences (its registry entry's `plan_extras`; e.g. ShifCon's contrastive
+  forward on 2*mcl_batch_size pair sequences of pairs.max_length tokens through layers 1..b-1)
+  keep their activations for the backward.
 - Buffers (ZeRO-3, from the generated DeepSpeed config or its defaults): the prefetch bucket
   (2 x stage3_prefetch_bucket_size) and the gradient reduce bucket (2 x reduce_bucket_size).
 - Usable memory: gpu_memory * (1 - headroom) for the CUDA context, NCCL and fragmentation.
@@ -47,122 +48,19 @@ Assumptions (all per GPU, bytes):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from config.errors import UserError
+from parallel.arch import KNOWN_ARCHS, Arch, arch_from_config, resolve_arch
+
+if TYPE_CHECKING:
+    from methods.base import ExtraActivations
+
+__all__ = ["KNOWN_ARCHS", "Arch", "arch_from_config", "resolve_arch"]  # the planner's table
 
 GB = 1e9
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The shape of a Llama-family decoder: all that memory and FLOP counts need."""
-
-    name: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied_embeddings: bool = False
-
-    @property
-    def kv_hidden(self) -> int:
-        return self.hidden * self.kv_heads // self.heads
-
-    @property
-    def layer_params(self) -> int:
-        h, i = self.hidden, self.intermediate
-        return 2 * h * h + 2 * h * self.kv_hidden + 3 * h * i + 2 * h  # q,o,k,v; mlp; 2 norms
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def total_params(self) -> int:
-        heads = 1 if self.tied_embeddings else 2
-        return self.layers * self.layer_params + heads * self.embedding_params + self.hidden
-
-    @property
-    def largest_layer_params(self) -> int:
-        """Largest single module (DeepSpeed's `largest_layer_params`): embedding or a linear."""
-        return max(self.embedding_params, self.hidden * self.intermediate)
-
-    def layer_forward_flops(self, tokens: int, seq: int) -> float:
-        """One decoder layer's forward: 2 FLOPs per weight per token + attention (QK^T, AV)."""
-        attention = 2 * 2 * tokens * seq * self.hidden  # causal halves it; we keep the full bound
-        return 2.0 * self.layer_params * tokens + attention
-
-    def head_forward_flops(self, tokens: int) -> float:
-        return 2.0 * self.embedding_params * tokens
-
-    def activation_bytes_per_token(self, eager_attention: bool = False, seq: int = 0) -> float:
-        return sum(self.activation_parts(eager_attention, seq))
-
-    def activation_parts(self, eager_attention: bool = False, seq: int = 0) -> tuple[float, float]:
-        """(outside TP regions: the two norms, 16h; inside: q, k, v, attention out, MLP)."""
-        h, i = self.hidden, self.intermediate
-        inside = (
-            4 * h + 4 * self.kv_hidden + 8 * i + (4 * self.heads * seq if eager_attention else 0)
-        )
-        return 16.0 * h, float(inside)
-
-
-KNOWN_ARCHS: dict[str, Arch] = {
-    "llama-7b": Arch("Llama-2-7B", 32, 4096, 11008, 32, 32, 32000),
-    "llama-3-8b": Arch("Llama-3-8B", 32, 4096, 14336, 32, 8, 128256),
-    "llama-13b": Arch("Llama-2-13B", 40, 5120, 13824, 40, 40, 32000),
-    "llama-70b": Arch("Llama-2-70B", 80, 8192, 28672, 64, 8, 32000),
-    "llama-3-70b": Arch("Llama-3-70B", 80, 8192, 28672, 64, 8, 128256),
-}
-_HUB_HINTS = [  # (substring of a lower-cased hub id, arch key): most specific first
-    ("llama-3-70b", "llama-3-70b"),
-    ("llama-3.1-70b", "llama-3-70b"),
-    ("llama-3-8b", "llama-3-8b"),
-    ("llama-3.1-8b", "llama-3-8b"),
-    ("llama-2-70b", "llama-70b"),
-    ("llama-2-13b", "llama-13b"),
-    ("llama-2-7b", "llama-7b"),
-]
-
-
-def arch_from_config(cfg: dict[str, Any], name: str) -> Arch:
-    heads = cfg["num_attention_heads"]
-    return Arch(
-        name,
-        cfg["num_hidden_layers"],
-        cfg["hidden_size"],
-        cfg["intermediate_size"],
-        heads,
-        cfg.get("num_key_value_heads") or heads,
-        cfg["vocab_size"],
-        bool(cfg.get("tie_word_embeddings", False)),
-    )
-
-
-def resolve_arch(recipe, arch: str | None = None) -> Arch:
-    """--arch, else the backbone's local config.json, else the table by hub id."""
-    if arch:
-        if arch not in KNOWN_ARCHS:
-            raise SystemExit(f"--arch: unknown {arch!r}; known: {sorted(KNOWN_ARCHS)}")
-        return KNOWN_ARCHS[arch]
-    spec = recipe.model.backbone
-    path = Path(spec).expanduser()
-    if spec.startswith("embedded:") or path.suffix == ".gguf":
-        from model.backbone import resolve_backbone
-
-        path = resolve_backbone(recipe.model).path
-    if (path / "config.json").is_file():
-        return arch_from_config(json.loads((path / "config.json").read_text()), spec)
-    lowered = spec.lower()
-    for hint, key in _HUB_HINTS:
-        if hint in lowered:
-            return replace(KNOWN_ARCHS[key], name=f"{KNOWN_ARCHS[key].name} (table, {spec})")
-    raise SystemExit(f"model.backbone: {spec!r} is not local and not in the table; pass --arch")
 
 
 @dataclass
@@ -208,9 +106,9 @@ def layout_from_recipe(
     tp = tp or (getattr(parallel, "tensor_parallel", 1) if same else 1)
     pp = pp or (getattr(parallel, "pipeline_parallel", 1) if same else 1)
     if world % (tp * pp):
-        raise SystemExit(f"TP {tp} x PP {pp} does not divide {world} GPUs")
+        raise UserError(f"TP {tp} x PP {pp} does not divide {world} GPUs")
     if engine == "deepspeed" and tp * pp > 1:
-        raise SystemExit("the deepspeed engine is data-parallel (ZeRO): use --engine megatron")
+        raise UserError("the deepspeed engine is data-parallel (ZeRO): use --engine megatron")
     sp = (
         getattr(parallel, "sequence_parallel", False)
         if sequence_parallel is None
@@ -228,9 +126,7 @@ class Workload:
     micro_batch: int
     checkpointing: bool
     eager_attention: bool = False
-    pair_sequences: int = 0  # ShifCon: 2 * mcl_batch_size
-    pair_seq: int = 0
-    pair_depth: int = 0  # layers the contrastive forward runs (b - 1)
+    extra: ExtraActivations | None = None  # the method's own sequences per micro-batch
 
 
 @dataclass
@@ -308,10 +204,11 @@ def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) ->
     tokens = work.seq * micro_batch
     out = {"decoder layers": stack(stage_layers, tokens, in_flight)}
     out["logits (16-bit + fp32 + grad)"] = tokens * arch.vocab * 10 / tp
-    if work.pair_sequences:
-        pair_tokens = work.pair_seq * work.pair_sequences  # one pair batch per micro-batch
-        depth = min(work.pair_depth, stage_layers)  # layers 1..b-1 that live on this stage
-        out["ShifCon contrastive (layers 1..b-1)"] = stack(depth, pair_tokens, in_flight)
+    extra = work.extra
+    if extra is not None and extra.sequences:
+        extra_tokens = extra.seq_len * extra.sequences  # one such batch per micro-batch
+        depth = min(extra.depth, stage_layers)  # the layers they pass that live on this stage
+        out[extra.label] = stack(depth, extra_tokens, in_flight)
     return out
 
 
@@ -475,11 +372,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
     args = parser.parse_args(argv)
+    try:
+        print(plan_text(args))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def plan_text(args: argparse.Namespace) -> str:
+    """The rendered plan for the parsed command line; UserError for what the user must fix."""
     from config.recipe import load_recipe
+    from methods.registry import plan_extras, recipe_errors
     from parallel.ds_config import build_deepspeed_config
 
     recipe = load_recipe(args.recipe)
+    errors = recipe_errors(recipe)
+    if errors:
+        raise UserError(errors[0])
     arch = resolve_arch(recipe, args.arch)
     nodes = args.nodes or recipe.cluster.nodes
     world = nodes * args.gpus_per_node
@@ -495,19 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     t = recipe.training
     micro = args.micro_batch or t.micro_batch_size
     layout.accum = max(1, t.global_batch_size // (micro * layout.dp))
-    m = recipe.method
-    shifcon = m.name == "shifcon"
-    band = getattr(m, "band", None)
-    # band: auto is picked at run time; plan for the deepest band the metric may choose.
-    depth = (band[1] - 1 if isinstance(band, (list, tuple)) else arch.layers - 2) if shifcon else 0
     work = Workload(
         seq=recipe.data.max_length,
         micro_batch=micro,
         checkpointing=recipe.model.gradient_checkpointing,
         eager_attention=recipe.model.attn_implementation == "eager",
-        pair_sequences=2 * m.mcl_batch_size if shifcon else 0,
-        pair_seq=m.pairs.max_length if shifcon else 0,
-        pair_depth=depth,
+        extra=plan_extras(recipe.method, arch.layers),
     )
     zero = ZeroBuffers.from_ds_config(build_deepspeed_config(recipe, "cuda"))
     capacity = args.gpu_memory_gb * GB * (1 - args.headroom)
@@ -518,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if layout.engine == "deepspeed" and layout.zero_stage == 3
         else None
     )
-    print(render(recipe, arch, layout, work, zero, plan, largest, ds_est))
-    return 0
+    return render(recipe, arch, layout, work, zero, plan, largest, ds_est)
 
 
 if __name__ == "__main__":

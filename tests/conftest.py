@@ -1,27 +1,40 @@
 from __future__ import annotations
 
+import _posixsubprocess
 import contextlib
+import json
 import os
-import signal
+import platform
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from parallel.distributed import free_port
-from tests.tiny import make_tiny_llama
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.servers import start_mlflow, stop_group, wait_healthy
+from tests.helpers.tiny import make_tiny_llama
 
 # Tiny models run fastest on one thread, and the suite's processes share 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+# One ninja for every process the tests start, and a build directory of their own. DeepSpeed
+# JIT-builds its CPU shared-memory op with whichever ninja comes first on PATH; Debian's ninja
+# 1.11 and the venv's 1.13 hash .ninja_log entries differently, so each one takes the other's
+# build for stale and rebuilds it (minutes on 2 busy cores), and jobs started through tool_env
+# (venv first) alternated with those started by run_cli (system PATH).
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+# platform.processor() runs `uname -p` once per interpreter and caches it; libraries ask for it
+# on first import (mlflow's telemetry): ask here, so no fast test starts that process.
+platform.processor()
 
 # Tests never reach a hub, and never write into the user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,52 +42,144 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """The server forks a uvicorn worker; only killing its whole session leaves nothing behind."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever ignored SIGTERM or outlived the parent
-    proc.wait(timeout=10)
+class ProcessInFastTest(RuntimeError):
+    """A test without the `slow` marker tried to start a process."""
+
+
+_SPAWNED: list[str] = []
+
+
+def _refusing(name: str, real):
+    def refuse(*args, **kwargs):
+        _SPAWNED.append(name)
+        raise ProcessInFastTest(f"{name}: this test starts a process; mark it @pytest.mark.slow")
+
+    refuse.real = real
+    return refuse
+
+
+@contextlib.contextmanager
+def _no_process_starts() -> Iterator[None]:
+    targets = [(subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"),
+               (os, "posix_spawn"), (os, "posix_spawnp")]  # fmt: skip
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in targets if hasattr(mod, attr)]
+    _SPAWNED.clear()
+    for mod, attr, real in saved:
+        setattr(mod, attr, _refusing(f"{mod.__name__}.{attr}", real))
+    try:
+        yield
+    finally:
+        for mod, attr, real in saved:
+            setattr(mod, attr, real)
+
+
+def _cpu_s() -> float:
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@contextlib.contextmanager
+def _cpu_logged(nodeid: str, log: str) -> Iterator[None]:
+    wall, cpu = time.monotonic(), _cpu_s()
+    try:
+        yield
+    finally:
+        row = {"test": nodeid, "wall_s": round(time.monotonic() - wall, 2),
+               "cpu_s": round(_cpu_s() - cpu, 2)}  # fmt: skip
+        with open(log, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """`make test-fast` must stay fast: a test not marked slow may start no process (subprocess,
+    multiprocessing, fork), from its set-up and fixtures through its teardown.
+
+    POLYSHIFT_TEST_CPU_LOG=FILE: one JSON line per test with its wall and CPU seconds (its own
+    and its finished child processes'), a measure that other load on the machine barely moves."""
+    with contextlib.ExitStack() as stack:
+        if not item.get_closest_marker("slow"):
+            stack.enter_context(_no_process_starts())
+        if log := os.environ.get("POLYSHIFT_TEST_CPU_LOG"):
+            stack.enter_context(_cpu_logged(item.nodeid, log))
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail the test even when library code swallowed the refusal."""
+    report = yield
+    if call.when == "teardown" and _SPAWNED and not item.get_closest_marker("slow"):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} started a process ({', '.join(sorted(set(_SPAWNED)))}) "
+        report.longrepr += "without @pytest.mark.slow"
+        _SPAWNED.clear()
+    return report
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """A real MLflow server on 127.0.0.1 for the whole session, stopped (with its workers) after."""
+def mlflow_server(request, tmp_path_factory) -> Iterator[str]:
+    """A real MLflow server on 127.0.0.1 for the whole session, stopped (with its workers) after.
+    Under xdist every worker uses the one server the controller started."""
+    shared = getattr(request.config, "workerinput", {}).get("mlflow_uri")
+    if shared:
+        wait_healthy(shared)
+        yield shared
+        return
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner pool
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-3000:])
-                try:
-                    with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server not healthy after 60 s")
-                time.sleep(0.25)
-            yield uri
-        finally:
-            _stop_group(proc)
+    proc, uri = start_mlflow(root)
+    try:
+        wait_healthy(uri, proc=proc, log=root / "server.log")
+        yield uri
+    finally:
+        stop_group(proc)
+
+
+# The modules that take longest (their processes, clusters and servers), longest first. `make
+# test` hands whole files to 2 xdist workers in collection order (--dist loadfile
+# --no-loadscope-reorder): starting with these keeps both workers busy to the end.
+LONGEST_FIRST = (  # summed test wall time of `make test` on a busy machine (2026-12-02)
+    "tests/launcher/test_training.py",  # 980 s
+    "tests/cluster/test_ray_launch.py",  # 765 s
+    "tests/methods/shifcon/test_method.py",  # 390 s
+    "tests/cluster/test_slurm.py",  # 260 s
+    "tests/parallel/test_megatron.py",  # 200 s
+    "tests/methods/test_lens.py",
+    "tests/eval/test_engine.py",
+    "tests/methods/shifcon/test_probe.py",
+    "tests/eval/test_eval.py",
+    "tests/launcher/test_xtransplant.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+class _SharedMlflow:
+    """xdist controller side: one server for all workers, started before they collect (its
+    start-up overlaps theirs) and stopped after they are done."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="polyshift-mlflow-"))
+        self.proc, self.uri = start_mlflow(self.root)
+
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput["mlflow_uri"] = self.uri
+
+    def pytest_unconfigure(self, config) -> None:
+        stop_group(self.proc)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pytest_configure(config) -> None:
+    controller = not hasattr(config, "workerinput")
+    if controller and config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses"):
+        config.pluginmanager.register(_SharedMlflow(), "polyshift-shared-mlflow")
 
 
 @pytest.fixture(autouse=True)
@@ -90,62 +195,3 @@ def _restore_environment():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
-
-
-def tiny_recipe(model_dir: Path, out: Path, **sections) -> dict:
-    """A recipe dict for a few fast steps of the tiny model on the built-in data."""
-    recipe = {
-        "name": "tiny",
-        "output_dir": str(out / "runs"),
-        "model": {"backbone": str(model_dir)},
-        "data": {
-            "train": [{"path": "builtin:polyglot?items=40&seed=0"}],
-            "languages": ["en", "fr", "sw"],
-            "max_length": 160,
-            "eval_samples_per_language": 4,
-        },
-        "training": {
-            "steps": 4,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "lr": 1e-3,
-            "schedule": "constant",
-            "eval_batch_size": 4,
-        },
-        "tracking": {"enabled": False},
-        "checkpoint": {"every": 0, "keep_last": 2},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
-            recipe[section] = {**recipe[section], **values}
-        else:
-            recipe[section] = values
-    return recipe
-
-
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-# Set by in-process distributed tests; a fresh job must not inherit them (it would think it is
-# already one worker of a group).
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-
-
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300):
-    """`python launcher/run.py ...` in a fresh interpreter, as a user would run it."""
-    full_env = {**clean_env(), **(env or {})}
-    full_env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launcher" / "run.py"), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

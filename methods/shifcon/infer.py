@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from data.formatting import Example, chat_prompt_ids, collate, content_span
+from data.formatting import (
+    Example,
+    chat_prompt_ids,
+    collate,
+    content_span,
+    left_pad,
+    right_pad,
+)
 from methods.shifcon.detect import DETECTORS, LinearDetector, TextLanguageID, nearest_centroid
 from methods.shifcon.math import pooled_mean
 from methods.shifcon.method import ShifConHooks, capture_hidden, load_shifcon
@@ -55,14 +62,7 @@ class ShiftedLM:
 
     def _prompt_batch(self, prompts: Sequence[str], system_prompt: str | None, left: bool):
         ids = [chat_prompt_ids(self.tokenizer, p, system_prompt) for p in prompts]
-        if not left:
-            batch = collate([Example(x, x, "", "") for x in ids], self.tokenizer.pad_token_id, [""])
-            return batch.input_ids, batch.attention_mask
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        return input_ids, mask
+        return (left_pad if left else right_pad)(ids, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def prompt_features(

@@ -4,7 +4,7 @@ Written once and shared by every engine (DeepSpeed ZeRO-3, Megatron-core TP/PP):
 only decide where a layer lives and which process group reduces what. Nothing here touches a
 module or a model; the only distributed call is the single fused all-reduce in `all_reduce_`.
 
-Conventions (see DESIGN.md, "ShifCon specification"):
+Conventions (see docs/methods.md, "ShifCon specification"):
 - layers are 1-based decoder layer indices; H_l is the output of layer l;
 - ``mask`` is 1 for content (non-padding) tokens and 0 for padding;
 - ``lang_ids`` holds one language index per sample, so a batch may mix languages;

@@ -1,7 +1,8 @@
 """ShifCon inside megatron-core's partitioned decoder: layers that shift, capture and contrast.
 
 The math is `methods/shifcon/math.py`, shared with the Hugging Face path; this file decides where
-it runs when the decoder is split into tensor- and pipeline-parallel stages.
+it runs when the decoder is split into tensor- and pipeline-parallel stages, behind the engine's
+generic `MegatronStage` hooks (methods/base.py): the engine never reads ShifCon's config or state.
 
 - Layers f..b are built as `ShifConLayer` through the layer spec (`layer_class_for`), on
   whichever stage owns them. Every row of a micro-batch carries (role, language, pooled end,
@@ -18,20 +19,31 @@ it runs when the decoder is split into tensor- and pipeline-parallel stages.
   load balancing): it enters that stage's backward pass with no change to the schedule.
 - A stage keeps language statistics only for its own layers. Sums are reduced over the
   data-parallel group; under sequence parallelism the rows are first gathered over the TP
-  group, so TP ranks hold the same full-sequence statistics.
+  group, so TP ranks hold the same full-sequence statistics. The method's full statistics
+  (what checkpoints, exports and metrics read) are gathered from the stages on demand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
+from config.errors import UserError
 from data.formatting import Batch, Example, collate, content_mask
-from methods.shifcon.math import LanguageStats, mcl_loss, shift_backward, shift_toward
+from methods.base import MegatronStage, StageContext, StageForward
+from methods.shifcon.math import (
+    LanguageStats,
+    all_reduce_,
+    combine_losses,
+    mcl_loss,
+    shift_backward,
+    shift_toward,
+)
 from methods.shifcon.method import ShifCon, pad_pairs
 
 ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE = 0, 1, 2, 3
@@ -92,30 +104,24 @@ def _pad_to(t: Tensor, width: int, value: int) -> Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
-class ShifConStage:
+class ShifConStage(MegatronStage):
     """One pipeline stage's share of ShifCon: its layers' vectors, contrast and statistics."""
 
-    def __init__(
-        self,
-        method: ShifCon,
-        layers: range,
-        *,
-        hidden_size: int,
-        dp_group,
-        sequence_parallel: bool,
-        device: torch.device,
-    ) -> None:
+    method: ShifCon
+
+    def __init__(self, method: ShifCon, where: StageContext) -> None:
         if method.band is None:
-            raise ValueError("method.band: auto is not available on the megatron engine yet")
-        self.method = method
+            raise UserError("method.band: auto is not available on the megatron engine yet")
+        super().__init__(method, where)
         self.f, self.b = method.band
-        self.stage_layers = layers
-        self.own = [layer for layer in method.layers if layer in layers]
+        self.stage_layers = where.layers
+        self.own = [layer for layer in method.layers if layer in where.layers]
         self.drop_after = method.capture_depth()
-        self.hidden_size = hidden_size
-        self.dp_group = dp_group
-        self.sequence_parallel = sequence_parallel
-        self.device = device
+        self.hidden_size = where.hidden_size
+        self.dp_group = where.dp_group
+        self.sequence_parallel = where.sequence_parallel
+        self.device = where.device
+        self.running = method.cfg.vector_mode == "running"
         self.stats: LanguageStats | None = None
         self.delta: LanguageStats | None = None
         self.micro_scale = 1.0
@@ -132,11 +138,7 @@ class ShifConStage:
             if isinstance(module, ShifConLayer):
                 module.shifcon = self
 
-    @property
-    def lm_weight(self) -> float:
-        return self.method.cfg.alpha
-
-    def rows_reaching_stage(self, context: Tensor) -> Tensor:
+    def block_context(self, context: Tensor) -> Tensor:
         """Pair rows have left the batch before a stage that starts above the drop layer."""
         if self.stage_layers.start > self.drop_after:
             return context[~_is_pair(context[:, 0])]
@@ -147,10 +149,13 @@ class ShifConStage:
     def lm_rows(self, batch: Batch, micro: int) -> Tensor:
         return row_context(ROLE_LM, batch.lang_ids, batch.attention_mask.sum(1), micro)
 
-    def with_pairs(self, batch: Batch, micro: int, dp_rank: int, dp_size: int):
+    def eval_context(self, batch: Batch) -> Tensor:
+        return self.lm_rows(batch, 0)
+
+    def train_rows(self, batch: Batch, micro: int) -> tuple[Tensor, Tensor]:
         """LM rows then 2n contrastive rows (n English, n targets), right-padded together."""
         m = self.method
-        pairs = m.next_pairs(dp_rank, dp_size)
+        pairs = m.next_pairs(self.where.dp_rank, self.where.dp_size)
         pair_batch, pair_langs = pad_pairs(
             pairs, m.tokenizer, m.cfg.pairs.max_length, m.lang_index, m.dominant
         )
@@ -206,7 +211,7 @@ class ShifConStage:
     def _statistics(self, number: int, hidden: Tensor, context: Tensor) -> None:
         roles = context[:, 0]
         probe = roles == ROLE_PROBE
-        running = self.method.cfg.vector_mode == "running" and torch.is_grad_enabled()
+        running = self.running and torch.is_grad_enabled()
         if bool(probe.any()):
             target, rows = self.stats, probe
         elif running and bool(_is_pair(roles).any()):
@@ -264,28 +269,69 @@ class ShifConStage:
         starts, ends = pooled_span(self.method, batch)
         return batch.input_ids, row_context(ROLE_PROBE, batch.lang_ids, ends, 0, starts)
 
+    def prepare(self, forward: StageForward, examples: Sequence[Example], batch_size: int) -> None:
+        """Precompute: the vector samples through the frozen model, unshifted, each DP rank a
+        share; every stage records its own layers; one all-reduce per stage."""
+        batches = self.method.vector_batches(examples, batch_size)
+        pad = self.method.tokenizer.pad_token_id
+        self.stats = self.empty_stats()
+        w = self.where
+        for group in batches[w.dp_rank :: w.dp_size]:
+            forward(*self.probe_rows(group, pad))
+        if self.stats is not None:
+            all_reduce_(self.stats, self.dp_group)
+        self.sync_state()
+
+    # -- the step ---------------------------------------------------------------------------
+
     def begin_step(self, num_microbatches: int) -> None:
         self.micro_scale = 1.0 / num_microbatches
         self.mcl_values.clear()
         self._counted.clear()
-        if self.method.cfg.vector_mode == "running" and self.stats is not None:
+        if self.running and self.stats is not None:
             self.delta = self.stats.zeros_like()
 
-    def end_step(self) -> None:
-        """Running vectors: one fused all-reduce of this stage's step delta over DP."""
-        if self.delta is not None:
-            buffer = self.delta.flat()
-            if dist.is_initialized():
-                dist.all_reduce(buffer, group=self.dp_group)
-            self.delta.load_flat(buffer)
-            self.stats.add_(self.delta)
-            self.delta = None
+    def lm_term(self, lm: Tensor) -> Tensor:
+        """alpha * LM; the beta * MCL terms enter the backward in the band layers."""
+        return combine_losses(lm, None, self.method.cfg.alpha, self.method.cfg.beta)
 
-    def reduce_stats(self) -> None:
-        if self.stats is not None and dist.is_initialized():
-            buffer = self.stats.flat()
-            dist.all_reduce(buffer, group=self.dp_group)
-            self.stats.load_flat(buffer)
+    def end_step(self) -> None:
+        """Running vectors: one fused all-reduce of this stage's step delta over DP, then the
+        method's full statistics from every stage."""
+        if self.delta is not None:
+            self.stats.add_(all_reduce_(self.delta, self.dp_group))
+            self.delta = None
+        if self.running:
+            self.sync_state()
+
+    def step_values(self) -> Tensor:
+        """Per band layer, this rank's MCL summed over the micro-batches (0: another stage's)."""
+        band = list(range(self.f, self.b))
+        values = torch.zeros(len(band), dtype=torch.float64)
+        for (_, layer), value in self.mcl_values.items():
+            values[band.index(layer)] += value
+        return values
+
+    def step_result(self, lm: float, values: Tensor) -> tuple[float, dict[str, float]]:
+        cfg = self.method.cfg
+        mcl = values.mean().item()
+        metrics = {"loss_lm": lm, "loss_mcl": mcl}
+        metrics.update({f"loss_mcl/L{self.f + j}": v.item() for j, v in enumerate(values)})
+        return combine_losses(lm, mcl, cfg.alpha, cfg.beta), metrics
+
+    # -- state ------------------------------------------------------------------------------
+
+    def sync_state(self) -> None:
+        """The method's full statistics (every band layer) from the stages that own them."""
+        mine = self.stats.state_dict() if self.stats is not None else None
+        parts: list[Any] = [None] * self.where.pp_size
+        dist.all_gather_object(parts, mine, group=self.where.pp_group)
+        self.method.stats = merge_stage_stats(parts, self.method.languages)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state)
+        if self.method.stats is not None:
+            self.take_stats(self.method.stats)
 
     def take_stats(self, full: LanguageStats) -> None:
         """This stage's rows of the full (every band layer) statistics."""

@@ -1,6 +1,6 @@
 """ShifCon on a Hugging Face decoder: hooks that shift, capture and truncate, and the method.
 
-The math lives in `model/shifcon_math.py`; this file only decides where it runs. Hooks sit on
+The math lives in `methods/shifcon/math.py`; this file only decides where it runs. Hooks sit on
 decoder layers f..b and read two call keyword arguments that transformers forwards to every
 decoder layer:
 
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from config.errors import UserError
+from data.batching import even_rounds
 from data.formatting import Batch, Example, chat_prompt_ids, collate, content_span
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
@@ -253,22 +254,20 @@ class ShifCon(Method):
             self._probe(model, examples, batch_size)
         rank, world = rank_world()
         batches = self.vector_batches(examples, batch_size)
-        mine = batches[rank::world]
-        rounds = -(-len(batches) // world)
         hidden = self.config_owner.config.hidden_size
         stats = LanguageStats.zeros(self.languages, self.layers, hidden, device=self.device)
         # Detector features: pooled H_f of every vector sample, [rounds * batch, D + 1] (the
         # last column: language id, -1 for unused rows), gathered from all ranks at the end.
+        rounds = -(-len(batches) // world)
         feats = torch.full((rounds * batch_size, hidden + 1), -1.0, device=self.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for r in range(rounds):
-                group = mine[r] if r < len(mine) else batches[0]
+            for r, (group, filler) in enumerate(even_rounds(batches, rank, world)):
                 batch = collate(group, self.tokenizer.pad_token_id, self.languages)
                 batch = batch.to(device_of(model))
                 captured = capture_hidden(model, self.config_owner, batch, self.layers)
-                if r < len(mine):
+                if not filler:
                     mask = self.pool_mask(batch)
                     for layer, h in captured.items():
                         stats.update(layer, h, mask, batch.lang_ids)

@@ -2,7 +2,7 @@
 
 Runs a backbone over multilingual probe samples, accumulates per-layer language means of the
 raw residual stream with `LanguageStats` (one all-reduce when distributed), computes the
-subspace distance per layer (`model/subspace.py`; this project's own metric, see DESIGN.md),
+subspace distance per layer (`methods/subspace.py`; this project's own metric, see docs/methods.md),
 chooses the band with `select_band`, and scores each layer by nearest-centroid language
 identification (held-out samples) and bitext retrieval (parallel pairs).
 
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from data.formatting import content_mask
+from data.batching import even_rounds
+from data.formatting import content_mask, right_pad
 from methods.shifcon.math import LanguageStats, all_reduce_, pooled_mean
 from methods.subspace import (
     bitext_retrieval_accuracy,
@@ -165,16 +166,6 @@ class ProbeResult:
         return out
 
 
-def _pad(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def run_probe(
     model: nn.Module,
@@ -193,8 +184,6 @@ def run_probe(
     n = len(inputs.sequences)
     order = sorted(range(n), key=lambda i: (len(inputs.sequences[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    mine = batches[rank::world]
-    rounds = -(-len(batches) // world)
 
     seq_lang = torch.full((n,), -1, dtype=torch.long)
     for seq, lang in inputs.samples:
@@ -205,12 +194,11 @@ def run_probe(
     was_training = model.training
     model.eval()
     with capture_layers(model, layers) as store:
-        for r in range(rounds):
-            idx = mine[r] if r < len(mine) else batches[0]
-            ids, mask = _pad([inputs.sequences[i] for i in idx], device)
+        for idx, filler in even_rounds(batches, rank, world):
+            ids, mask = (t.to(device) for t in right_pad([inputs.sequences[i] for i in idx], 0))
             store.clear()
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-            if r >= len(mine):
+            if filler:
                 continue  # a filler forward: ZeRO-3 gathers are collectives
             lang = seq_lang[idx].to(device)
             counted = (lang >= 0).to(mask.dtype)

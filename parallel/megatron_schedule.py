@@ -1,0 +1,109 @@
+"""Micro-batches through megatron-core's pipeline schedules, and what eval-mode passes record.
+
+One function runs a list of micro-batches through `get_forward_backward_func` (1F1B when PP > 1,
+plain accumulation otherwise), forward-only or with the backward; the loss function decides what
+each last-stage output becomes. The method's per-row context travels with each micro-batch into
+the decoder block (see `MegatronStage` in methods/base.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from data.formatting import Batch
+from methods.base import MegatronStage
+
+
+@dataclass
+class Feed:
+    """One micro-batch as megatron sees it: ids and, for a method, per-row context."""
+
+    input_ids: Tensor  # [rows, T]
+    context: Tensor | None  # [rows, C] long (the method's per-row context) or None
+    batch: Batch | None  # the LM rows (labels, normaliser); None for a method's own pass
+
+
+LossFunc = Callable[[Feed, Tensor], tuple[Tensor, dict[str, Any]]]
+
+
+def no_loss(feed: Feed, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    """For forward-only passes that only record (hooks, a method's statistics)."""
+    return output.new_zeros(()), {}
+
+
+@dataclass
+class Pipeline:
+    """The wrapped model chunk of this stage and what a pass needs around it."""
+
+    model: Any  # megatron DistributedDataParallel
+    stage: MegatronStage
+    device: torch.device
+    scope: Callable[[], AbstractContextManager]  # megatron_cpu.device_scope on CPU
+
+    def run(self, feeds: Sequence[Feed], *, forward_only: bool, loss_func: LossFunc) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Iterator[Feed], model):
+            feed = next(data_iterator)
+            ids = feed.input_ids.to(self.device)
+            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand_as(ids)
+            extra = None
+            if feed.context is not None:
+                extra = {"context": self.stage.block_context(feed.context).to(self.device)}
+            # No attention mask: rows are right-padded and attention is causal, so content
+            # positions never see padding (padding positions are masked out of every loss).
+            output = model(ids, positions, None, extra_block_kwargs=extra)
+            return output, partial(loss_func, feed)
+
+        with self.scope():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(feeds),
+                model=[self.model],
+                num_microbatches=len(feeds),
+                seq_length=max(f.input_ids.shape[1] for f in feeds),
+                micro_batch_size=max(f.input_ids.shape[0] for f in feeds),
+                forward_only=forward_only,
+            )
+
+    def forward_only(self, feed: Feed, loss_func: LossFunc = no_loss) -> list[Any]:
+        """One eval-mode forward of `feed` (the model is back in train mode afterwards)."""
+        self.model.eval()
+        try:
+            return self.run([feed], forward_only=True, loss_func=loss_func)
+        finally:
+            self.model.train()
+
+
+def record_layer_outputs(
+    module: torch.nn.Module, num_layers: int, sequence_parallel: bool
+) -> tuple[dict[int, Tensor], list[Any]]:
+    """Forward hooks that record this stage's layer outputs ``[B, T, D]`` on the CPU, keyed as
+    transformers numbers hidden states (0: embeddings; `num_layers`: after the final norm).
+    Returns (the dict they fill, their handles)."""
+    captured: dict[int, Tensor] = {}
+
+    def record(index: int):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if sequence_parallel:
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                hidden = gather_from_sequence_parallel_region(hidden)
+            captured[index] = hidden.transpose(0, 1).float().cpu()
+
+        return hook
+
+    modules = [(layer.layer_number, layer) for layer in module.decoder.layers]
+    if module.pre_process:
+        modules.insert(0, (0, module.embedding))
+    if module.post_process:  # registered last: replaces layer L's entry with the normed one
+        modules.append((num_layers, module.decoder.final_layernorm))
+    return captured, [m.register_forward_hook(record(i)) for i, m in modules]

@@ -1,0 +1,101 @@
+"""Megatron checks in one pair of gloo processes (process start-up dominates on CPU).
+
+``python -m torch.distributed.run --nproc_per_node 2 -m tests.helpers.megatron_worker SPEC.json OUT``
+
+SPEC is a list of jobs, run in order in the same two processes, each a fresh megatron layout:
+``{"name", "recipe", "train": bool, "logits": bool, "generate": bool, "export_untrained": bool}``
+(``generate``: cached greedy decoding recorded by `tests/helpers/engine_generation.py`). Training goes
+through `run_training`, the function every launcher's workers run; logits are taken from a
+session re-opened on the run directory (so they come from the distributed checkpoint).
+Everything a test asserts on is written under OUT/<name>/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from config.recipe import dump_recipe, validate_recipe
+from data.formatting import collate
+from launcher.loop import open_session, run_training
+
+
+def _fixed_batch(session):
+    """Two held-out samples of every language: the per-language shift shows in the logits."""
+    data = session.data
+    examples = [e for lang in data.languages for e in data.eval if e.lang == lang]
+    examples = [e for i, e in enumerate(examples) if i % 2 == 0][:6]
+    return collate(examples, session.tokenizer.pad_token_id, data.languages)
+
+
+def _close() -> None:
+    from megatron.core import parallel_state as ps
+
+    dist.barrier()
+    ps.destroy_model_parallel()
+
+
+def run_job(job: dict, out: Path) -> None:
+    from methods.shifcon.megatron import ShifConLayer
+
+    recipe = validate_recipe(job["recipe"], job["name"])
+    run_dir = out / job["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    if job.get("train"):
+        for steps in job.get("stages", [recipe.training.steps]):
+            staged = recipe.model_copy(deep=True)
+            staged.training.steps = steps
+            run_training(staged, run_dir)  # writes run_dir/summary.json
+            _close()
+    if not (job.get("logits") or job.get("export_untrained") or job.get("generate")):
+        return
+    session = open_session(recipe, run_dir)
+    engine = session.engine
+    rank = dist.get_rank()
+    shift_layers = sorted(
+        m.layer_number for m in engine.model.modules() if isinstance(m, ShifConLayer)
+    )
+    placement = [None] * dist.get_world_size()
+    dist.all_gather_object(placement, {"pp_rank": engine.pp_rank, "shift_layers": shift_layers})
+    if job.get("logits"):
+        batch = _fixed_batch(session)
+        logits = engine.forward_logits(batch)
+        hidden = engine.hidden_states(batch)
+        if rank == 0:
+            torch.save(
+                {
+                    "input_ids": batch.input_ids,
+                    "attention_mask": batch.attention_mask,
+                    "langs": [session.data.languages[i] for i in batch.lang_ids.tolist()],
+                    "logits": logits,
+                    "hidden_states": hidden,
+                    "placement": placement,
+                },
+                run_dir / "engine_logits.pt",
+            )
+    if job.get("generate"):  # cached generation across the stages (every rank decodes)
+        from tests.helpers.engine_generation import record
+
+        generated = record(session)
+        if rank == 0:
+            torch.save(generated, run_dir / "engine_generation.pt")
+    if job.get("export_untrained"):
+        engine.export(run_dir / "export_untrained")
+    _close()
+
+
+def main(spec_path: str, out: str) -> None:
+    torch.set_num_threads(1)
+    for job in json.loads(Path(spec_path).read_text()):
+        run_job(job, Path(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
