@@ -61,11 +61,6 @@ class OneProcessEngine(Engine):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """XCOPA, MGSM and parallel files for en/sw, one sw XCOPA row more than en (uneven shards)."""
     root = tmp_path_factory.mktemp("shared")

@@ -30,11 +30,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shared")
     for folder in ("xcopa", "mgsm", "parallel/gsm8k_questions"):
