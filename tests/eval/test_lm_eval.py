@@ -24,6 +24,14 @@ from tests.helpers.eval_data import XCOPA
 LOGPROB_TOL = 1e-4  # fp32 on CPU: lm-eval batches the requests differently from our task
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """xcopa/sw.jsonl and mgsm/sw.jsonl as in the shared folder (rows carry no "lang": the file
