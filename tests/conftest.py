@@ -41,6 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# matplotlib builds its font cache on first import, running `fc-list` in a subprocess: on a fresh
+# machine that would happen inside whichever fast test plots first and trip the guard below.
+# Build it here, once per session, before any test runs.
+os.environ.setdefault("MPLBACKEND", "Agg")
+with contextlib.suppress(ImportError):
+    import matplotlib.font_manager  # noqa: F401
+
 
 class ProcessInFastTest(RuntimeError):
     """A test without the `slow` marker tried to start a process."""
