@@ -231,7 +231,9 @@ def evaluate_export(
             lang_ids = None
             if shifted is not None and lang in shifted.languages:
                 lang_ids = shifted.lang_ids([lang] * len(batch.input_ids))
-            context = shifted.hooks.inference_languages(lang_ids) if shifted else _null()
+            # The prompt positions: under `shift_positions: prompt` only they are shifted.
+            prompt = batch.labels == -100
+            context = shifted.hooks.inference_languages(lang_ids, prompt) if shifted else _null()
             with context:
                 out = model(
                     input_ids=batch.input_ids,

@@ -140,6 +140,12 @@ class ShifConMethod(Section):
         "instruction's own tokens (no attention sink, no chat template), MCL centred on the "
         "language vectors; all: the original every-token mean (ablation only).",
     )
+    shift_positions: Literal["all", "prompt"] = Field(
+        "all",
+        description="all: every position of a non-dominant sample is shifted (the paper); "
+        "prompt: only the prompt (positions without a label in training, the prefilled prompt "
+        "in generation), for data whose answers are in the dominant language (x -> en).",
+    )
     mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
     pairs: PairSource = Field(default_factory=PairSource)
 

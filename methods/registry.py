@@ -66,12 +66,18 @@ def _shifcon_stage() -> type[MegatronStage]:
 
 
 def _shifcon_recipe_errors(section: ShifConMethod, recipe) -> list[str]:
+    errors = []
     if recipe.parallel.engine == "megatron" and section.band == "auto":
-        return [
+        errors.append(
             "method.band: auto needs the deepspeed engine; pick the band with "
             "`python -m launcher.probe` and write it into the recipe"
-        ]
-    return []
+        )
+    if recipe.parallel.engine == "megatron" and section.shift_positions != "all":
+        errors.append(
+            "method.shift_positions: prompt needs the deepspeed engine (the megatron stage "
+            "shifts every position)"
+        )
+    return errors
 
 
 def _shifcon_backbone_errors(section: ShifConMethod, layers: int) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from data.formatting import Batch, Example
+from data.formatting import IGNORE_INDEX, Batch, Example
 from methods.base import Method
 from model.losses import per_sample_lm_loss
 from parallel.distributed import DistContext
@@ -167,7 +167,11 @@ class Engine(ABC):
         def forward(*args: Any, **kwargs: Any) -> Any:
             return module(*args, **kwargs, **extra)
 
-        batch = Batch(input_ids, state.attention_mask, input_ids, state.lang_ids)
+        # No labels: every position fed here is context (prompt or generated), so a method that
+        # shifts prompt positions only (ShifCon `shift_positions: prompt`) sees the prefill as
+        # prompt and tells generated tokens by the cache they continue.
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        batch = Batch(input_ids, state.attention_mask, labels, state.lang_ids)
         was_training = module.training
         module.eval()
         try:

@@ -40,7 +40,8 @@ class ShiftedLM:
         self.languages: list[str] = list(meta["languages"])
         self.band = tuple(meta["band"])
         self.stats = stats
-        self.hooks = ShifConHooks(model, self.band, dominant=0)
+        self.shift_positions = str(meta.get("shift_positions", "all"))
+        self.hooks = ShifConHooks(model, self.band, dominant=0, positions=self.shift_positions)
         self.hooks.set_vectors(stats)
 
     @classmethod

@@ -8,9 +8,13 @@ decoder layer:
   the call, activation-checkpoint recomputation sees the same value: the shift is a pure
   function of the layer's inputs, never of mutable global state.
 - ``shifcon_capture`` {layer: None}: record the unshifted H_layer of these layers.
+- ``shifcon_shift_mask`` [B, T] (optional): shift only these positions (`method.shift_positions:
+  prompt` passes the prompt positions of a training batch).
 
 Without ``shifcon_lang_ids`` a call is unshifted, unless `ShifConHooks.inference_languages`
 sets the languages for a whole `generate` (transformers refuses unknown generate kwargs).
+Under ``shift_positions: prompt`` a call that continues a KV cache (a generated token) is never
+shifted: the prompt was shifted when it was prefilled, the answer is the dominant language's.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 
 from config.errors import UserError
 from data.batching import even_rounds
-from data.formatting import Batch, Example, chat_prompt_ids, collate, content_span
+from data.formatting import IGNORE_INDEX, Batch, Example, chat_prompt_ids, collate, content_span
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
 from methods.shifcon.detect import DETECTOR_FILE, LinearDetector
@@ -46,6 +50,8 @@ from model.layers import decoder_layers, device_of, rank_world, truncated
 
 LANG_KWARG = "shifcon_lang_ids"
 CAPTURE_KWARG = "shifcon_capture"
+SHIFT_MASK_KWARG = "shifcon_shift_mask"
+SHIFT_POSITIONS = ("all", "prompt")
 VECTORS_FILE = "shifcon_vectors.safetensors"
 META_FILE = "shifcon.json"
 
@@ -53,13 +59,19 @@ META_FILE = "shifcon.json"
 class ShifConHooks:
     """Shift-toward after layer f, shift-backward after layer b, capture on request."""
 
-    def __init__(self, model: nn.Module, band: tuple[int, int], dominant: int) -> None:
+    def __init__(
+        self, model: nn.Module, band: tuple[int, int], dominant: int, positions: str = "all"
+    ) -> None:
         self.f, self.b = band
         check_band(self.f, self.b, model.config.num_hidden_layers)
+        if positions not in SHIFT_POSITIONS:
+            raise ValueError(f"shift positions must be one of {SHIFT_POSITIONS}, got {positions!r}")
         self.dominant = dominant
+        self.positions = positions
         self.vectors: dict[int, torch.Tensor] = {}  # layer -> [K, D] language vectors
         self.languages: list[str] = []
         self.inference_lang_ids: torch.Tensor | None = None
+        self.inference_mask: torch.Tensor | None = None
         layers = decoder_layers(model)
         self.handles = [
             layers[layer - 1].register_forward_hook(self._hook(layer), with_kwargs=True)
@@ -76,12 +88,24 @@ class ShifConHooks:
             handle.remove()
 
     @contextmanager
-    def inference_languages(self, lang_ids: torch.Tensor | None) -> Iterator[None]:
-        self.inference_lang_ids = lang_ids
+    def inference_languages(
+        self, lang_ids: torch.Tensor | None, shift_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Shift every call inside by ``lang_ids``. ``shift_mask [B, T]``: the prompt positions
+        of a teacher-forced call; only `shift_positions: prompt` hooks use it (the others shift
+        every position), so callers may always pass it."""
+        self.inference_lang_ids, self.inference_mask = lang_ids, shift_mask
         try:
             yield
         finally:
-            self.inference_lang_ids = None
+            self.inference_lang_ids, self.inference_mask = None, None
+
+    def _continues_cache(self, layer: int, kwargs: dict, length: int) -> bool:
+        """True when this call's tokens follow tokens already in the KV cache (decoding)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            return False
+        return int(cache.get_seq_length(layer - 1)) > length
 
     def _hook(self, layer: int):
         def after_layer(module, args, kwargs, output):
@@ -98,8 +122,15 @@ class ShifConHooks:
                 lang_ids = lang_ids.expand(hidden.shape[0])
             if not self.vectors:
                 raise RuntimeError("ShifCon: language vectors are not computed yet")
+            mask = kwargs.get(SHIFT_MASK_KWARG)
+            if self.positions == "prompt":
+                if self._continues_cache(layer, kwargs, hidden.shape[1]):
+                    return None  # a generated (dominant-language) token
+                if mask is None and self.inference_mask is not None:
+                    mask = self.inference_mask.to(hidden.device)
             shift = shift_toward if layer == self.f else shift_backward
-            shifted = shift(hidden, lang_ids, self.vectors[layer].to(hidden.device), self.dominant)
+            vectors = self.vectors[layer].to(hidden.device)
+            shifted = shift(hidden, lang_ids, vectors, self.dominant, mask)
             return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
         return after_layer
@@ -203,7 +234,9 @@ class ShifCon(Method):
     def _set_band(self, band: tuple[int, int]) -> None:
         """Fix the band and hook layers f..b (hooks may be added after the engine wraps)."""
         try:
-            self.hooks = ShifConHooks(self.config_owner, tuple(band), self.dominant)
+            self.hooks = ShifConHooks(
+                self.config_owner, tuple(band), self.dominant, self.cfg.shift_positions
+            )
         except ValueError as exc:
             raise UserError(f"method.band: {exc}") from None
         self.band = (int(band[0]), int(band[1]))
@@ -327,11 +360,10 @@ class ShifCon(Method):
     # -- training -------------------------------------------------------------------------
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            **{LANG_KWARG: batch.lang_ids},
-        ).logits
+        extra = {LANG_KWARG: batch.lang_ids}
+        if self.cfg.shift_positions == "prompt":
+            extra[SHIFT_MASK_KWARG] = prompt_positions(batch)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits
 
     def next_pairs(self, rank: int | None = None, world: int | None = None) -> list[Pair]:
         """The next contrastive pairs of this data-parallel rank (resumable: seeded by call)."""
@@ -409,7 +441,9 @@ class ShifCon(Method):
                 self.hooks.set_vectors(self.stats)
 
     def export(self, directory: Path) -> None:
-        save_shifcon(directory, self.stats, self.band, self.cfg.vector_mode)
+        save_shifcon(
+            directory, self.stats, self.band, self.cfg.vector_mode, self.cfg.shift_positions
+        )
         if self.detector is not None:
             self.detector.save(directory)
         if self.probe_result is not None:
@@ -423,7 +457,14 @@ class ShifCon(Method):
         return files + [p for p in extra if p.is_file()]
 
 
-def save_shifcon(directory: Path, stats: LanguageStats, band, vector_mode: str) -> None:
+def prompt_positions(batch: Batch) -> torch.Tensor:
+    """[B, T] True where a position has no label: the prompt (and padding, never attended)."""
+    return batch.labels == IGNORE_INDEX
+
+
+def save_shifcon(
+    directory: Path, stats: LanguageStats, band, vector_mode: str, shift_positions: str = "all"
+) -> None:
     """The vectors that travel with a model: see README, "ShifCon export format"."""
     save_file(
         {
@@ -439,6 +480,7 @@ def save_shifcon(directory: Path, stats: LanguageStats, band, vector_mode: str) 
         "layers": stats.layers,
         "band": list(band),
         "vector_mode": vector_mode,
+        "shift_positions": shift_positions,
     }
     (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2))
 

@@ -70,6 +70,50 @@ def test_english_is_bitwise_untouched_and_others_shift(tiny):
     assert torch.equal(unshifted, ref)  # no language ids: the plain model
 
 
+def _random_hooks(model, positions: str) -> ShifConHooks:
+    hooks = ShifConHooks(model, (1, 3), dominant=0, positions=positions)
+    stats = LanguageStats.zeros(LANGS, [1, 2, 3], model.config.hidden_size)
+    stats.sums.normal_(generator=torch.Generator().manual_seed(0))
+    stats.counts.fill_(1.0)
+    hooks.set_vectors(stats)
+    return hooks
+
+
+def test_prompt_positions_shift_the_prompt_only_in_training_and_cached_decoding(tiny):
+    """`shift_positions: prompt`: the training forward shifts the unlabeled positions only, and a
+    cached greedy decode (prompt prefilled shifted, generated tokens unshifted) gives the same
+    logits as the teacher-forced forward of prompt + answer with the prompt mask."""
+    from methods.shifcon.method import SHIFT_MASK_KWARG
+
+    path, tokenizer, data = tiny
+    model = _model(path)
+    hooks = _random_hooks(model, "prompt")
+    prompt = torch.tensor([[5, 17, 23, 9, 41, 7]])
+    sw = torch.tensor([2])
+    with torch.no_grad(), hooks.inference_languages(sw):
+        out = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+            min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=0,
+        )  # fmt: skip
+    full = out.sequences
+    cached = torch.stack(out.logits, dim=1)  # [1, 4, V]: logits at the last prompt + 3 answer
+    is_prompt = torch.zeros_like(full, dtype=torch.bool)
+    is_prompt[:, : prompt.shape[1]] = True
+    args = {"input_ids": full, "attention_mask": torch.ones_like(full), LANG_KWARG: sw}
+    with torch.no_grad():
+        forced = model(**args, **{SHIFT_MASK_KWARG: is_prompt}).logits
+        everywhere = model(**args).logits
+        hooks.positions = "all"  # the paper's shift: every position
+        all_positions = model(**args).logits
+    steps = slice(prompt.shape[1] - 1, full.shape[1] - 1)
+    torch.testing.assert_close(cached, forced[:, steps], rtol=1e-4, atol=1e-4)
+    # The prompt's own logits are the same under both rules; the answer's differ.
+    torch.testing.assert_close(forced[:, : prompt.shape[1]], all_positions[:, : prompt.shape[1]])
+    assert not torch.allclose(forced[:, steps][:, 1:], all_positions[:, steps][:, 1:], atol=1e-3)
+    torch.testing.assert_close(everywhere, all_positions)  # no mask: every position
+
+
 def test_truncated_contrastive_forward(tiny):
     path, tokenizer, data = tiny
     model = _model(path)
