@@ -111,7 +111,10 @@ def main() -> None:
             )
 
     def run_export() -> None:
-        out = lm.generate_ids(ids, mask, [args.lang] * len(prompts), max_new_tokens=args.new_tokens)
+        n = args.new_tokens
+        out = lm.generate_ids(
+            ids, mask, [args.lang] * len(prompts), max_new_tokens=n, min_new_tokens=n
+        )
         outputs["export"] = out[:, ids.shape[1] :].tolist()
 
     print(header("engine_generation: SmolLM2-135M, fp32, greedy, shift on", threads))

@@ -1,7 +1,7 @@
 """Greedy generation throughput with the ShifCon shift on vs off (ShiftedLM on SmolLM2-135M).
 
 Same model, prompts and KV-cache path; `ShiftedLM.generate_ids` decodes exactly
-max_new_tokens (min_new_tokens equal) so every variant produces the same token count. The
+max_new_tokens (``min_new_tokens`` equal) so every variant produces the same token count. The
 vectors are the real precomputed kind (means of H_l over one prompt per language; the speed
 does not depend on their values), band [11, 14] as in the demo recipe. Variants, interleaved:
   on     the shift applied at f and b, to the prompt and every generated token
@@ -59,7 +59,11 @@ def main() -> None:
 
     def run(on: bool) -> None:
         out = lm.generate_ids(
-            input_ids, mask, langs if on else None, max_new_tokens=args.new_tokens
+            input_ids,
+            mask,
+            langs if on else None,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
         )
         assert out.shape[1] - input_ids.shape[1] == args.new_tokens
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from data.formatting import chat_prompt_ids, left_pad, right_pad
+from data.formatting import chat_prompt_ids, content_mask, left_pad, right_pad
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Scorer(Protocol):
 
     def hidden_states(self, texts: Sequence[str]) -> torch.Tensor:
         """``[N, L+1, D]`` float32: each layer's output mean-pooled over the text's tokens
-        (index 0 = embeddings, l = output of decoder layer l)."""
+        after the first (index 0 = embeddings, l = output of decoder layer l)."""
         ...
 
 
@@ -321,9 +321,13 @@ class HFScorer(BatchedScorer):
 
 
 def mean_pool_layers(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L+1, D]`` float32: each layer's ``[B, T, D]`` output averaged over unmasked tokens."""
+    """``[B, L+1, D]`` float32: each layer's ``[B, T, D]`` output averaged over the text's tokens
+    but the first (`data.formatting.content_mask`: the attention sink would dominate the mean);
+    a one-token text keeps its one token."""
     states = torch.stack(tuple(hidden_states), dim=1).float()  # [B, L+1, T, D]
-    weights = mask.to(states.device, torch.float32)[:, None, :, None]
+    pooled = content_mask(mask)
+    pooled = torch.where((pooled.sum(dim=1) == 0).unsqueeze(1), mask, pooled)
+    weights = pooled.to(states.device, torch.float32)[:, None, :, None]
     return ((states * weights).sum(dim=2) / weights.sum(dim=2)).cpu()
 
 

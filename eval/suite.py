@@ -141,7 +141,8 @@ def shifcon_hooks(model: Any, spec: str | Path) -> Any:
     if not (directory / META_FILE).is_file():
         return None
     meta, stats = load_shifcon(directory)
-    hooks = ShifConHooks(model, tuple(meta["band"]), dominant=0)
+    positions = str(meta.get("shift_positions", "all"))
+    hooks = ShifConHooks(model, tuple(meta["band"]), dominant=0, positions=positions)
     hooks.set_vectors(stats)
     return hooks
 

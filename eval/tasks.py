@@ -273,12 +273,11 @@ def evaluate_bitext(
         merged = gather_sharded(rows, len(pairs), layout)
         en = torch.stack([m[0] for m in merged])  # [N, L+1, D]
         tgt = torch.stack([m[1] for m in merged])
-        x2en = [
-            bitext_retrieval_accuracy(tgt[:, layer], en[:, layer]) for layer in range(en.shape[1])
-        ]
-        en2x = [
-            bitext_retrieval_accuracy(en[:, layer], tgt[:, layer]) for layer in range(en.shape[1])
-        ]
+        # Centred per side: what a sentence shares with every other of its language (the
+        # language offset, the huge-activation dimensions) says nothing about which one it is.
+        layers = range(en.shape[1])
+        x2en = [bitext_retrieval_accuracy(tgt[:, i], en[:, i], center=True) for i in layers]
+        en2x = [bitext_retrieval_accuracy(en[:, i], tgt[:, i], center=True) for i in layers]
         mean = [(a + b) / 2 for a, b in zip(x2en, en2x, strict=True)]
         best = max(range(len(mean)), key=lambda layer: (mean[layer], -layer))
         per_language[lang] = mean[best]

@@ -1,4 +1,4 @@
-"""Generation with a ShifCon export: the shift stays on at inference, for every position.
+"""Generation with a ShifCon export: the shift stays on at inference, as in training.
 
     python -m launcher.shifcon_infer generate runs/x/export --prompt "Habari?" [--lang sw|auto]
     python -m launcher.shifcon_infer detect-eval runs/x/export --data builtin:polyglot?items=50
@@ -143,15 +143,18 @@ class ShiftedLM:
         langs: Sequence[str] | None,
         *,
         max_new_tokens: int,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor:
-        """Greedy decoding with the KV cache; every step (prefill and decode) is shifted."""
+        """Greedy decoding with the KV cache, shifted as the export was trained: every step
+        (`shift_positions: all`) or the prompt only (`prompt`). A row stops at its EOS unless
+        ``min_new_tokens`` (benchmarks: equal token counts) asks for more."""
         lang_ids = None if langs is None else self.lang_ids(langs)
         with self.hooks.inference_languages(lang_ids):
             return self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )

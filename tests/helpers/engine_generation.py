@@ -102,9 +102,10 @@ def check_record(rec: dict[str, Any], export: Path, langs: list[str]) -> None:
     lm = ShiftedLM.from_export(export)
     ids, mask = lm._prompt_batch(rec["prompts"], None, left=True)
     width = ids.shape[1]
-    shifted = lm.generate_ids(ids, mask, rec["langs"], max_new_tokens=STEPS)[:, width:]
+    steps = {"max_new_tokens": STEPS, "min_new_tokens": STEPS}
+    shifted = lm.generate_ids(ids, mask, rec["langs"], **steps)[:, width:]
     assert torch.equal(shifted, rec["tokens"])
-    plain = lm.generate_ids(ids, mask, None, max_new_tokens=STEPS)[:, width:]
+    plain = lm.generate_ids(ids, mask, None, **steps)[:, width:]
     assert torch.equal(plain, rec["plain_tokens"])
     # The shift is on at every step: English rows are untouched, the others move.
     shifted_logits, unshifted = rec["cached_logits"], rec["plain_logits"]

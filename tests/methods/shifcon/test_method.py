@@ -49,14 +49,19 @@ def _batch(data, tokenizer, n=6):
     return collate(picked, tokenizer.pad_token_id, data.languages)
 
 
-def test_english_is_bitwise_untouched_and_others_shift(tiny):
-    path, tokenizer, data = tiny
-    plain, hooked = _model(path), _model(path)
-    hooks = ShifConHooks(hooked, (1, 3), dominant=0)
-    stats = LanguageStats.zeros(LANGS, [1, 2, 3], hooked.config.hidden_size)
+def _random_hooks(model, positions: str) -> ShifConHooks:
+    hooks = ShifConHooks(model, (1, 3), dominant=0, positions=positions)
+    stats = LanguageStats.zeros(LANGS, [1, 2, 3], model.config.hidden_size)
     stats.sums.normal_(generator=torch.Generator().manual_seed(0))
     stats.counts.fill_(1.0)
     hooks.set_vectors(stats)
+    return hooks
+
+
+def test_english_is_bitwise_untouched_and_others_shift(tiny):
+    path, tokenizer, data = tiny
+    plain, hooked = _model(path), _model(path)
+    _random_hooks(hooked, "all")
     batch = _batch(data, tokenizer)
     args = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with torch.no_grad():
@@ -70,23 +75,13 @@ def test_english_is_bitwise_untouched_and_others_shift(tiny):
     assert torch.equal(unshifted, ref)  # no language ids: the plain model
 
 
-def _random_hooks(model, positions: str) -> ShifConHooks:
-    hooks = ShifConHooks(model, (1, 3), dominant=0, positions=positions)
-    stats = LanguageStats.zeros(LANGS, [1, 2, 3], model.config.hidden_size)
-    stats.sums.normal_(generator=torch.Generator().manual_seed(0))
-    stats.counts.fill_(1.0)
-    hooks.set_vectors(stats)
-    return hooks
-
-
 def test_prompt_positions_shift_the_prompt_only_in_training_and_cached_decoding(tiny):
     """`shift_positions: prompt`: the training forward shifts the unlabeled positions only, and a
     cached greedy decode (prompt prefilled shifted, generated tokens unshifted) gives the same
     logits as the teacher-forced forward of prompt + answer with the prompt mask."""
     from methods.shifcon.method import SHIFT_MASK_KWARG
 
-    path, tokenizer, data = tiny
-    model = _model(path)
+    model = _model(tiny[0])
     hooks = _random_hooks(model, "prompt")
     prompt = torch.tensor([[5, 17, 23, 9, 41, 7]])
     sw = torch.tensor([2])
@@ -271,7 +266,7 @@ def test_generation_shifts_every_position(tiny):
     method.hooks.remove()
     lm = ShiftedLM(model, tokenizer, {"languages": LANGS, "band": [1, 3]}, method.stats)
     ids, mask = lm._prompt_batch(["Habari yako?"], None, left=True)
-    cached = lm.generate_ids(ids, mask, ["sw"], max_new_tokens=6)
+    cached = lm.generate_ids(ids, mask, ["sw"], max_new_tokens=6, min_new_tokens=6)
     manual = ids
     for _ in range(6):
         logits = lm.logits(manual, torch.ones_like(manual), ["sw"])
