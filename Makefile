@@ -50,4 +50,4 @@ format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf runs mlflow.db mlartifacts .pytest_cache
+	rm -rf runs mlruns mlflow.db mlartifacts .pytest_cache

@@ -20,6 +20,7 @@ import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -203,6 +204,65 @@ def _pipeline_impl_compat() -> Iterator[None]:
         yield
     finally:
         pipelines.check_task = original
+
+
+def _local_artifact_dir(location: str | None) -> Path | None:
+    """The folder behind a ``file:`` (or plain path) artifact location; None when remote."""
+    if not location:
+        return None
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        folder = Path(urllib.request.url2pathname(parsed.path))
+    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        folder = Path(location)
+    else:
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(chunk)
+            if block != fb.read(chunk):
+                return False
+            if not block:
+                return True
+
+
+def share_identical_files(source: Path, copy_root: Path) -> tuple[int, int]:
+    """Replace every file under ``copy_root`` that equals a file of ``source`` (same name,
+    size and bytes) by a hard link to that file; returns (linked, could not link).
+
+    The swap is atomic (link beside, then rename over), so a reader never sees a missing file.
+    """
+    by_key: dict[tuple[str, int], list[Path]] = {}
+    for file in Path(source).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            by_key.setdefault((file.name, file.stat().st_size), []).append(file)
+    linked = failed = 0
+    for copy in sorted(Path(copy_root).rglob("*")):
+        if not copy.is_file() or copy.is_symlink():
+            continue
+        stat = copy.stat()
+        for original in by_key.get((copy.name, stat.st_size), []):
+            if os.path.samefile(original, copy):
+                break
+            if not _same_bytes(original, copy):
+                continue
+            staged = copy.with_name(f".{copy.name}.polyshift-link")
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    staged.unlink()
+                os.link(original, staged)
+                os.replace(staged, copy)
+                linked += 1
+            except OSError:
+                with contextlib.suppress(OSError):
+                    staged.unlink()
+                failed += 1
+            break
+    return linked, failed
 
 
 class Tracker:
@@ -520,8 +580,9 @@ class Tracker:
     ) -> str | None:
         """Log a Hugging Face export directory as an MLflow model without loading its weights.
 
-        The checkpoint files are copied, never deserialised, so a 70B export costs disk and
-        bandwidth but not memory. Registers it under ``registered_model_name`` when set and
+        The checkpoint files are copied, never deserialised, so a 70B export costs bandwidth
+        but not memory; into a local artifact store the copies become hard links to the
+        export (`share_identical_files`), so its bytes are stored once. Registers it under ``registered_model_name`` when set and
         returns ``models:/<name>/<version>`` (or ``models:/<model_id>`` when unregistered).
         If the transformers flavor cannot be written (e.g. no tokenizer in the directory), the
         directory is logged as a plain LoggedModel and registered anyway. ``step``: the model
@@ -556,7 +617,8 @@ class Tracker:
     ) -> str | None:
         """Log an export as an MLflow pyfunc defined by a code file (MLflow "models from
         code": the file is copied, nothing is pickled) with the export directory as its
-        ``export`` artifact, copied file by file. Registered and linked to the metrics of
+        ``export`` artifact, copied file by file (hard links into a local artifact store, as in
+        `log_hf_model`). Registered and linked to the metrics of
         ``step`` like `log_hf_model`."""
         if not self._active:
             return None
@@ -597,6 +659,7 @@ class Tracker:
                 registered_model_name=self._registered_model_name,
                 step=step,
             )
+        self._share_local_copy(info.model_id, path)
         version = info.registered_model_version
         if self._registered_model_name and version is not None:
             return f"models:/{self._registered_model_name}/{version}"
@@ -621,6 +684,7 @@ class Tracker:
                 run_id=self._run_id,
                 step=step,
             )
+        self._share_local_copy(info.model_id, path)
         version = info.registered_model_version
         if self._registered_model_name and version is not None:
             return f"models:/{self._registered_model_name}/{version}"
@@ -639,6 +703,7 @@ class Tracker:
             tags={"polyshift.format": "hf-checkpoint"},
         )
         client.log_model_artifacts(model.model_id, str(path))
+        self._share_local_copy(model.model_id, path)
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, step=step)])
         self._link_metrics(model.model_id, step)
@@ -646,6 +711,32 @@ class Tracker:
             return f"models:/{model.model_id}"
         version = mlflow.register_model(f"models:/{model.model_id}", self._registered_model_name)
         return f"models:/{self._registered_model_name}/{version.version}"
+
+    def _share_local_copy(self, model_id: str | None, export: Path) -> None:
+        """One copy of the export on disk: a local artifact store gets hard links, not bytes.
+
+        MLflow copies the export into the model's artifacts. When those lie on this machine
+        (``file:`` artifact location: the default ``./mlflow.db`` + ``./mlruns``, or a server
+        without artifact proxying on a shared filesystem), each copied file that equals an
+        export file is replaced by a hard link to it: the bytes are stored once, yet either
+        side survives deleting the other. A remote artifact store keeps its upload.
+        """
+        if model_id is None:
+            return
+        try:
+            root = _local_artifact_dir(self._client.get_logged_model(model_id).artifact_location)
+            if root is None:
+                return
+            linked, failed = share_identical_files(export, root)
+        except Exception as exc:  # the model is logged; only the disk saving is lost
+            _warn(f"export stored twice ({_one_line(exc)})")
+            return
+        if failed:
+            _warn(
+                f"{failed} export file(s) stored twice: cannot hard-link {export} into {root} "
+                f"({linked} linked); keep the run directory and MLflow's artifact root on one "
+                "filesystem to store them once"
+            )
 
     def _link_metrics(self, model_id: str, step: int) -> None:
         """The run's metrics of ``step``, logged again with ``model_id``: what MLflow's own

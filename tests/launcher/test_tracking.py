@@ -17,7 +17,13 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from launcher.tracking import HTTP_DEFAULTS, Tracker, flatten, sanitize_key
+from launcher.tracking import (
+    HTTP_DEFAULTS,
+    Tracker,
+    flatten,
+    sanitize_key,
+    share_identical_files,
+)
 from parallel.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +123,66 @@ def test_sanitize_key() -> None:
     assert sanitize_key("..hidden") == "_..hidden"
     long = sanitize_key("k" * 400)
     assert len(long) == 250 and long != sanitize_key("k" * 401)
+
+
+def test_share_identical_files_links_only_equal_bytes(tmp_path: Path) -> None:
+    source, copy = tmp_path / "export", tmp_path / "mlruns" / "model"
+    (source / "sub").mkdir(parents=True)
+    (copy / "deep").mkdir(parents=True)
+    (source / "w.bin").write_bytes(b"weights")
+    (source / "sub" / "tok.json").write_bytes(b"{}")
+    (source / "other.bin").write_bytes(b"aaaa")
+    (copy / "deep" / "w.bin").write_bytes(b"weights")  # same name, size, bytes: linked
+    (copy / "tok.json").write_bytes(b"{}")  # found under another folder: linked
+    (copy / "other.bin").write_bytes(b"bbbb")  # same name and size, other bytes: kept
+    (copy / "extra.bin").write_bytes(b"weights")  # same bytes, other name: kept
+    assert share_identical_files(source, copy) == (2, 0)
+    assert os.path.samefile(source / "w.bin", copy / "deep" / "w.bin")
+    assert os.path.samefile(source / "sub" / "tok.json", copy / "tok.json")
+    assert (copy / "other.bin").read_bytes() == b"bbbb"
+    assert not os.path.samefile(source / "w.bin", copy / "extra.bin")
+    assert sorted(p.name for p in copy.rglob("*") if p.is_file()) == [
+        "extra.bin", "other.bin", "tok.json", "w.bin"
+    ]  # fmt: skip
+    assert share_identical_files(source, copy) == (0, 0)  # already one copy: nothing to do
+
+
+def _stored_bytes(root: Path, pattern: str) -> int:
+    """Bytes on disk of the files matching ``pattern`` under ``root``, each inode once."""
+    inodes = {(f.stat().st_dev, f.stat().st_ino): f.stat().st_size for f in root.rglob(pattern)}
+    return sum(inodes.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor", ["transformers", "pyfunc"])
+def test_local_store_keeps_one_copy_of_the_export(
+    tmp_path: Path, hf_export: Path, flavor: str
+) -> None:
+    from launcher.serving import PYFUNC_CODE, shifcon_signature
+
+    export = tmp_path / "runs" / "r" / "export"
+    shutil.copytree(hf_export, export)
+    weights = export / "model.safetensors"
+    digest, size = _sha256(weights), weights.stat().st_size
+    with _tracker(None, tmp_path, registered_model_name=f"one-copy-{flavor}") as tracker:
+        tracker.start()
+        if flavor == "transformers":
+            uri = tracker.log_hf_model(export, step=3)
+        else:
+            uri = tracker.log_pyfunc_model(
+                export, python_model=PYFUNC_CODE, code_paths=[],
+                signature=shifcon_signature(), step=3,
+            )  # fmt: skip
+    assert uri == f"models:/one-copy-{flavor}/1"
+    assert weights.stat().st_nlink == 2  # the export and MLflow's model share the bytes
+    assert _stored_bytes(tmp_path, "*.safetensors") == size
+    # Every export file (config, tokenizer too) is shared; only MLflow's own files are new.
+    assert all(f.stat().st_nlink >= 2 for f in export.iterdir()), export
+    # Deleting the run directory leaves the registered model whole.
+    shutil.rmtree(tmp_path / "runs")
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+    (copy,) = local.rglob("model.safetensors")
+    assert _sha256(copy) == digest
 
 
 # -- against the server -------------------------------------------------------------------------
@@ -318,6 +384,8 @@ def test_log_hf_model_registers_transformers_model(
     assert _sha256(local / "model" / "model.safetensors") == _sha256(
         hf_export / "model.safetensors"
     )
+    # A server that proxies artifacts got an upload; the export itself is untouched.
+    assert (hf_export / "model.safetensors").stat().st_nlink == 1
 
 
 @pytest.mark.slow
