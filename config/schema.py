@@ -346,6 +346,47 @@ class EvalSection(Section):
         return bool(self.tasks)
 
 
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSection(Section):
+    """LoRA adapters through peft (model/lora.py): the backbone is frozen and only the adapters
+    train; the export holds the merged model and the adapter. Deepspeed engine only."""
+
+    enabled: bool = False
+    rank: PositiveInt = Field(16, description="r: the adapters' inner dimension.")
+    alpha: PositiveFloat = Field(32.0, description="Scale alpha: the update is alpha/r * B A.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGETS),
+        min_length=1,
+        description="Linear module names that get adapters (peft target_modules), or "
+        "all-linear (every linear layer but the LM head).",
+    )
+    layers: list[PositiveInt] | None = Field(
+        None,
+        min_length=1,
+        description="1-based decoder layer numbers that get adapters (the numbering of "
+        "method.band; peft's layers_to_transform is 0-based: layer l here is l-1 there); "
+        "unset: every layer.",
+    )
+    rslora: bool = Field(
+        False, description="Rank-stabilised scale alpha/sqrt(r) (peft use_rslora)."
+    )
+    quantize: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: QLoRA-style 4-bit frozen base (needs bitsandbytes and CUDA; refused "
+        "on CPU); none: the base in the run's precision.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"layer numbers repeat: {value}")
+        return None if value is None else sorted(value)
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -353,6 +394,7 @@ class Recipe(Section):
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     method: MethodSection = Field(default_factory=SFTMethod)
     training: TrainingSection = Field(default_factory=TrainingSection)

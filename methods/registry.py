@@ -38,6 +38,7 @@ class MethodEntry:
     recipe_errors: FieldErrors = _no_errors  # (section, recipe) -> engine-dependent errors
     backbone_errors: FieldErrors = _no_errors  # (section, decoder layers) -> misfits
     plan_extras: Callable[[Any, int], ExtraActivations | None] = _none  # (section, layers)
+    lora: bool = True  # LoRA (recipe `lora:`) can train it
 
 
 def _common(recipe, data, tokenizer) -> dict[str, Any]:
@@ -131,7 +132,12 @@ METHODS: dict[str, MethodEntry] = {
         plan_extras=_shifcon_plan,
     ),
     "lens": MethodEntry(
-        "lens", LensMethod, _build_lens, megatron=None, backbone_errors=_lens_backbone_errors
+        "lens",
+        LensMethod,
+        _build_lens,
+        megatron=None,
+        backbone_errors=_lens_backbone_errors,
+        lora=False,  # trains whole top layers against a frozen copy of them
     ),
 }
 
@@ -152,7 +158,32 @@ def recipe_errors(recipe) -> list[str]:
     errors = []
     if recipe.parallel.engine == "megatron" and found.megatron is None:
         errors.append(_deepspeed_only(found.name))
-    return errors + found.recipe_errors(recipe.method, recipe)
+    return errors + _lora_errors(found, recipe) + found.recipe_errors(recipe.method, recipe)
+
+
+def _lora_errors(found: MethodEntry, recipe) -> list[str]:
+    """LoRA (model/lora.py) is built on the deepspeed engine only, for methods that train
+    through the HF forward without choosing their own trainable weights."""
+    lora = getattr(recipe, "lora", None)
+    if lora is None or not lora.enabled:
+        return []
+    errors = []
+    if recipe.parallel.engine == "megatron":
+        errors.append(
+            "lora.enabled: LoRA runs on the deepspeed engine only (parallel.engine: megatron "
+            "has no adapter path); set parallel.engine: deepspeed or lora.enabled: false"
+        )
+    if not found.lora:
+        errors.append(
+            f"lora.enabled: method {found.name} chooses its own trainable weights; "
+            "LoRA supports sft and shifcon (and CrossIn data with either)"
+        )
+    if lora.quantize != "none":
+        errors.append(
+            f"lora.quantize: {lora.quantize} (QLoRA) needs bitsandbytes on a CUDA device, and "
+            "the deepspeed engine does not load 4-bit bases yet; use lora.quantize: none"
+        )
+    return errors
 
 
 def backbone_errors(section, layers: int) -> list[str]:

@@ -13,6 +13,8 @@ from config.schema import Recipe
 from data.formatting import Batch
 from methods.base import Method
 from model.backbone import ResolvedBackbone, load_causal_lm
+from model.lora import ADAPTER_DIR, apply_lora, check_quantize, merged_state_dict, save_adapter
+from model.lora import summary_line as lora_summary
 from parallel.distributed import DistContext, all_reduce_sum_
 from parallel.ds_config import build_deepspeed_config, resolve_precision
 from parallel.engine import DecodeState, Engine, StepResult
@@ -35,7 +37,20 @@ class DeepSpeedEngine(Engine):
         self._hf_ds_config = (
             HfDeepSpeedConfig(self.config) if recipe.parallel.zero_stage == 3 else None
         )
+        self.lora = recipe.lora.enabled
+        self.backbone = backbone
+        if self.lora:
+            check_quantize(recipe.lora, ctx.device)
         model = load_causal_lm(backbone, recipe.model, dtype)
+        if self.lora:
+            # Before the engine wraps it: the adapters are ordinary (not yet partitioned)
+            # parameters, the only ones handed to the optimizer below; the frozen base keeps
+            # no gradient and no optimizer state. Hooks a method adds next sit on the same
+            # decoder layers (peft swaps only the linears inside them).
+            trainable = apply_lora(model, recipe.lora)
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+            if ctx.is_rank0:
+                print(lora_summary(model, trainable, total), flush=True)
         method.attach(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -139,4 +154,7 @@ class DeepSpeedEngine(Engine):
         if self.ctx.is_rank0:
             directory.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            if self.lora:  # the peft adapter beside the merged model plain transformers loads
+                save_adapter(self.module, state, directory / ADAPTER_DIR, str(self.backbone.path))
+                state = merged_state_dict(self.module, state)
             self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
