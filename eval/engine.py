@@ -307,7 +307,7 @@ def run_benchmarks(session: Any, tracker: Any, step: int) -> dict[str, float] | 
     """The recipe's ``eval:`` benchmarks on the session's engine, after training (all ranks).
 
     Rank 0 prints the per-language table, writes ``<run_dir>/eval/results.json`` and the bar
-    charts, and logs metrics (``eval/<task>/<lang>/<metric>``) and artifacts through the
+    charts, and logs metrics (``eval/<task>/<metric>/<lang>``) and artifacts through the
     run's tracker. Returns the flat metrics (on every rank), or None when no task is set.
     """
     from eval.report import flat_metrics

@@ -15,8 +15,10 @@ COLUMN_TITLES = {
     "xcopa": "XCOPA acc",
     "mgsm": "MGSM acc",
     "bitext": "bitext acc (best layer)",
-    "ppl": "perplexity (bits/byte)",
+    "ppl": "perplexity (bits/byte)",  # the cell holds both: "12.3 (3.10 bpb)"
 }
+# A chart draws only the headline value: its title names that value alone.
+CHART_TITLES = {**COLUMN_TITLES, "ppl": "perplexity (per token)"}
 
 
 def _cell(result: TaskResult, lang: str) -> str:
@@ -48,16 +50,36 @@ def markdown_table(results: Mapping[str, TaskResult]) -> str:
 
 
 def flat_metrics(results: Mapping[str, TaskResult], prefix: str = "eval") -> dict[str, float]:
-    """``eval/<task>/<lang>/<metric>`` for every headline number (plus ppl's bits per byte)."""
+    """``eval/<task>/<metric>/<lang>`` for every headline number (plus ppl's bits per byte).
+
+    The language comes last because MLflow's run page makes one chart section of everything
+    before a key's last ``/`` and titles each chart with the rest: one section per task and
+    metric, one chart per language (``<lang>/<metric>`` gave a section per language).
+    """
     out = {
-        f"{prefix}/{r.task}/{lang}/{r.metric}": value
+        f"{prefix}/{r.task}/{r.metric}/{lang}": value
         for r in results.values()
         for lang, value in r.per_language.items()
     }
     if "ppl" in results:
         for lang, extra in results["ppl"].details.items():
-            out[f"{prefix}/ppl/{lang}/bits_per_byte"] = extra["bits_per_byte"]
+            out[f"{prefix}/ppl/bits_per_byte/{lang}"] = extra["bits_per_byte"]
     return out
+
+
+def layer_metrics(
+    results: Mapping[str, TaskResult], prefix: str = "eval"
+) -> dict[int, dict[str, float]]:
+    """Per-layer bitext accuracy, keyed by layer (logged with step = layer, so MLflow's x axis
+    is the layer): ``eval/bitext_by_layer/<lang>_x2en`` and ``..._en2x``, one section."""
+    by_layer: dict[int, dict[str, float]] = {}
+    if "bitext" in results:
+        for lang, curves in results["bitext"].details.items():
+            for layer, (a, b) in enumerate(zip(curves["x2en"], curves["en2x"], strict=True)):
+                row = by_layer.setdefault(layer, {})
+                row[f"{prefix}/bitext_by_layer/{lang}_x2en"] = a
+                row[f"{prefix}/bitext_by_layer/{lang}_en2x"] = b
+    return by_layer
 
 
 def pyplot() -> Any:
@@ -92,7 +114,7 @@ def bar_chart(results: Mapping[str, TaskResult], path: str | Path) -> Path:
         langs = sorted(result.per_language)
         values = [result.per_language[lang] for lang in langs]
         ax.bar(langs, [0.0 if math.isnan(v) else v for v in values], color="tab:blue")
-        ax.set_title(COLUMN_TITLES.get(task, task))
+        ax.set_title(CHART_TITLES.get(task, task))
         if result.metric == "acc":
             ax.set_ylim(0, 1)
         for x, v in enumerate(values):
@@ -131,7 +153,8 @@ def log_results(
 ) -> list[Path]:
     """Metrics, the table, the JSON and the charts to the tracker; returns the chart files.
 
-    Bitext curves are also logged as metrics with the layer as the step, so MLflow draws them.
+    Bitext curves are also logged as metrics with the layer as the step (`layer_metrics`), so
+    MLflow draws them against the layer.
     Charts go to ``out_dir`` (kept) or a temporary folder (only in MLflow).
     """
     folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="polyshift-eval-"))
@@ -142,14 +165,8 @@ def log_results(
     if tracker is None:
         return charts
     tracker.log_metrics(flat_metrics(results, prefix), step=step)
-    if "bitext" in results:
-        for lang, curves in results["bitext"].details.items():
-            for layer, (a, b) in enumerate(zip(curves["x2en"], curves["en2x"], strict=True)):
-                tracker.log_metrics(
-                    {f"{prefix}/bitext/{lang}/x2en_by_layer": a,
-                     f"{prefix}/bitext/{lang}/en2x_by_layer": b},
-                    step=layer,
-                )  # fmt: skip
+    for layer, row in layer_metrics(results, prefix).items():
+        tracker.log_metrics(row, step=layer)
     tracker.log_text(markdown_table(results), f"{prefix}/results.md")
     tracker.log_dict(json.loads(json.dumps(results_dict(results))), f"{prefix}/results.json")
     for chart in charts:

@@ -7,7 +7,7 @@ Tasks are lm-eval names; ``xcopa`` / ``mgsm`` with ``--languages sw,zh`` expand 
 ``xcopa_sw, xcopa_zh, ...``. Our benchmarks run offline on the data dir's files
 (``eval.lm_eval_tasks``), any other lm-eval task as lm-eval defines it. The results go through
 the native path's ``publish``: the same table, JSON, charts and MLflow metrics
-(``eval/xcopa/sw/acc``), plus lm-eval's own results as ``eval/lm_eval_results.json``.
+(``eval/xcopa/acc/sw``), plus lm-eval's own results as ``eval/lm_eval_results.json``.
 """
 
 from __future__ import annotations

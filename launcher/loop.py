@@ -29,7 +29,7 @@ from data.pipeline import RunData, build_run_data
 from eval.engine import check_benchmarks, run_benchmarks
 from launcher.checkpoints import CheckpointStore, step_tag
 from launcher.serving import log_export
-from launcher.tracking import Tracker, flatten
+from launcher.tracking import Tracker, flatten, layer_curves
 from launcher.universal import plan_resume
 from methods.registry import build_method
 from model.backbone import load_tokenizer, resolve_backbone
@@ -391,7 +391,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate(engine, data.eval, data, t.eval_batch_size, ctx, pad_id)
-        tracker.log_metrics({f"eval/{lang}/loss": v for lang, v in result.items()}, step)
+        tracker.log_metrics({f"eval/loss/{lang}": v for lang, v in result.items()}, step)
         if result:
             tracker.log_metrics({"eval/loss_mean": sum(result.values()) / len(result)}, step)
         tracker.log_metrics(engine.method.metrics(), step)
@@ -450,6 +450,8 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
             _save(engine, store, state, ctx, tracker)
             last_saved = state.step
     bar.close()
+    for layer, row in layer_curves(state.method_metrics).items():
+        tracker.log_metrics(row, layer)
     if last_saved != state.step:
         _save(engine, store, state, ctx, tracker)
 

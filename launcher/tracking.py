@@ -23,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,27 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out[name] = "None"
         else:
             out[name] = value
+    return out
+
+
+_LAYER_KEY = re.compile(r"^(?P<name>.+)/L(?P<layer>\d+)$")
+
+
+def layer_curves(
+    history: Sequence[Mapping[str, float]], prefix: str = "train"
+) -> dict[int, dict[str, float]]:
+    """Per-layer method metrics (``loss_mcl/L12``) of the first and last logged step, keyed by
+    layer: logged with step = layer, MLflow draws ``train/loss_mcl_by_layer/{first,last}``
+    against the layer (its run page: one section per key up to the last ``/``)."""
+    out: dict[int, dict[str, float]] = {}
+    if not history:
+        return out
+    for label, metrics in (("first", history[0]), ("last", history[-1])):
+        for key, value in metrics.items():
+            match = _LAYER_KEY.match(key)
+            if match:
+                name = f"{prefix}/{match['name']}_by_layer/{label}"
+                out.setdefault(int(match["layer"]), {})[name] = value
     return out
 
 

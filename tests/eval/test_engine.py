@@ -207,7 +207,7 @@ def test_two_process_zero3_eval_section_equals_one_process_export_eval(
     assert payload["world_size"] == 2 and "zz" in payload["skipped"]["xcopa"]
     summary = json.loads((run / "summary.json").read_text())
     assert (
-        summary["benchmarks"]["eval/xcopa/sw/acc"]
+        summary["benchmarks"]["eval/xcopa/acc/sw"]
         == payload["tasks"]["xcopa"]["per_language"]["sw"]
     )
 

@@ -268,7 +268,7 @@ def test_cli_prints_table_writes_json_and_logs(tiny_model_dir, data_dir, tmp_pat
         "xcopa": evaluate_xcopa(CannedScorer({}), {"sw": load_xcopa(data_dir / "xcopa/sw.jsonl")})
     }
     log_results(results, tracker, out_dir=tmp_path / "charts")
-    assert "eval/xcopa/sw/acc" in tracker.metrics and "eval_results.png" in tracker.artifacts
+    assert "eval/xcopa/acc/sw" in tracker.metrics and "eval_results.png" in tracker.artifacts
     assert tracker.texts["eval/results.md"] == markdown_table(results)
     assert eval_main(["--model", "x", "--tasks", "nope", "--languages", "sw"]) == 2
 

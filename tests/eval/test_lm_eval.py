@@ -151,7 +151,7 @@ def test_cli_lm_eval_logs_like_our_tasks(shifcon_export, data_dir, tmp_path, mlf
     client = MlflowClient(mlflow_server)
     [run] = client.search_runs([client.get_experiment_by_name("lm-eval-cli").experiment_id])
     acc = payload["tasks"]["xcopa"]["per_language"]["sw"]
-    assert run.data.metrics["eval/xcopa/sw/acc"] == pytest.approx(acc)
+    assert run.data.metrics["eval/xcopa/acc/sw"] == pytest.approx(acc)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/results.md", "eval/lm_eval_results.json", "eval/eval_results.png"} <= artifacts
 

@@ -79,10 +79,28 @@ def test_logged_model_links_the_final_metrics(served):
     assert version.source == f"models:/{output.model_id}" and output.step == STEPS
     model = client.get_logged_model(output.model_id)
     keys = {m.key for m in model.metrics}
-    assert {"train/loss", "eval/loss_mean", "eval/sw/loss"} <= keys
+    assert {"train/loss", "eval/loss_mean", "eval/loss/sw"} <= keys
     assert {m.step for m in model.metrics} == {STEPS}
     # The run's final held-out loss, not the one before training.
     history = client.get_metric_history(run.info.run_id, "eval/loss_mean")
     linked = next(m for m in model.metrics if m.key == "eval/loss_mean")
     assert linked.value == max(history, key=lambda m: m.step).value
     assert linked.value != min(history, key=lambda m: m.step).value
+
+
+def test_one_copy_of_the_export_and_layer_curves(served):
+    uri, export, _ = served
+    # A local store: MLflow's model files are hard links to the run dir's export.
+    assert (export / "model.safetensors").stat().st_nlink == 2
+    assert (export / "shifcon_vectors.safetensors").stat().st_nlink == 2
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("polyshift").experiment_id])
+    layers = sorted(int(k.rsplit("/L", 1)[1]) for k in run.data.metrics if "loss_mcl/L" in k)
+    assert layers
+    for label in ("first", "last"):
+        curve = client.get_metric_history(run.info.run_id, f"train/loss_mcl_by_layer/{label}")
+        assert sorted(m.step for m in curve) == layers  # the x axis is the layer
+        last = {m.step: m.value for m in curve}
+    for layer in layers:
+        final = client.get_metric_history(run.info.run_id, f"train/loss_mcl/L{layer}")
+        assert last[layer] == max(final, key=lambda m: m.step).value

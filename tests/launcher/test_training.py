@@ -149,8 +149,8 @@ def test_two_worker_run_is_tracked_from_rank0_only(dp2_run, mlflow_server):
         "train/grad_norm",
         "train/tokens_per_s",
         "train/step_time_s",
-        "eval/en/loss",
-        "eval/sw/loss",
+        "eval/loss/en",
+        "eval/loss/sw",
     ):
         assert key in mlrun.data.metrics, key
     assert any(key.startswith("system/") for key in mlrun.data.metrics)
