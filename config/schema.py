@@ -226,10 +226,10 @@ class ParallelSection(Section):
     tensor_parallel: PositiveInt = Field(1, description="megatron: TP size (within a node).")
     pipeline_parallel: PositiveInt = Field(1, description="megatron: pipeline stages.")
     sequence_parallel: bool = Field(
-        False, description="megatron, TP > 1, GPU: shard norms/activations along the sequence."
+        False, description="megatron, TP > 1: shard norms/activations along the sequence."
     )
     distributed_optimizer: bool = Field(
-        False, description="megatron, GPU: shard the optimizer state over data-parallel ranks."
+        False, description="megatron: shard the optimizer state over data-parallel ranks."
     )
     offload_optimizer: bool = False
     offload_params: bool = False

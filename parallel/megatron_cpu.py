@@ -71,7 +71,10 @@ def enable() -> None:
         raise RuntimeError("megatron_cpu.enable() is for CPU runs; this process sees a GPU")
     from megatron.core.tensor_parallel import random as mp_random
 
-    torch.cuda.current_device = lambda: 0  # rewritten to "cpu" by CudaToCpu
+    # The CPU itself, not an index: backward functions (sequence parallelism's reduce-scatter
+    # and gathers) allocate with ``device=torch.cuda.current_device()`` on autograd's side,
+    # where the CudaToCpu mode is not active.
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

@@ -85,11 +85,6 @@ class MegatronEngine(Engine):
             raise UserError("; ".join(errors))
         if p.sequence_parallel and self.tp == 1:
             raise UserError("parallel.sequence_parallel: needs tensor_parallel > 1")
-        if not self.on_gpu and (p.sequence_parallel or p.distributed_optimizer):
-            raise UserError(
-                "parallel.sequence_parallel/distributed_optimizer: need reduce-scatter, which "
-                "gloo (CPU) does not have; use them on GPUs (NCCL)"
-            )
         self.dtype = (
             torch.bfloat16 if resolve_precision(recipe, ctx.device) == "bf16" else torch.float32
         )
@@ -140,7 +135,13 @@ class MegatronEngine(Engine):
                 model.cuda(torch.cuda.current_device())
             self.stage.attach(model)
             self.model, self.optimizer = self._wrap(model, recipe)
-            self.pipeline = Pipeline(self.model, self.stage, ctx.torch_device, self.device_scope)
+            self.pipeline = Pipeline(
+                self.model,
+                self.stage,
+                ctx.torch_device,
+                self.device_scope,
+                seq_multiple=self.tp if p.sequence_parallel else 1,
+            )
         self.config = {
             "engine": "megatron",
             **summary(self.shape, self.tp, self.pp, self.dp_size),
@@ -269,7 +270,7 @@ class MegatronEngine(Engine):
         captured: list[Tensor] = []
 
         def keep(feed: Feed, logits: Tensor):
-            captured.append(logits[..., : self.shape.vocab].float())
+            captured.append(logits[:, : feed.input_ids.shape[1], : self.shape.vocab].float())
             return logits.new_zeros(()), {}
 
         self.pipeline.forward_only(self._eval_feed(batch), keep)
@@ -315,7 +316,8 @@ class MegatronEngine(Engine):
         parts: list[Any] = [None] * self.pp
         dist.all_gather_object(parts, captured, group=ps.get_pipeline_model_parallel_group())
         merged = {i: t for part in parts for i, t in part.items()}
-        return [merged[i].to(self.ctx.torch_device) for i in range(self.shape.layers + 1)]
+        width = batch.input_ids.shape[1]  # without the sequence-parallel padding
+        return [merged[i][:, :width].to(self.ctx.torch_device) for i in range(self.shape.layers + 1)]
 
     # -- method state -----------------------------------------------------------------------
 

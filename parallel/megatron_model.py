@@ -188,6 +188,20 @@ def stage_layers(config, pp_rank: int) -> range:
 LayerClassFor = Callable[[int], type | None]  # global layer number -> layer class (None: default)
 
 
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm built from megatron's norm arguments, usable under sequence parallelism.
+
+    megatron-core's local spec builds RMSNorm through `WrappedTorchNorm`, which refuses
+    ``sequence_parallel`` (on any device: only Transformer Engine's and Apex's norms mark their
+    weights). Under sequence parallelism each TP rank normalises a different slice of the
+    sequence, so the weight's gradient is a partial sum: the ``sequence_parallel`` attribute is
+    what `finalize_model_grads` reads to all-reduce it over the TP group."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
 def decoder_block_spec(config, pp_rank: int, layer_class_for: LayerClassFor | None = None):
     """megatron-core's local block spec for this stage, with a method's layer classes swapped in
     at the global layer numbers it asks for."""
@@ -198,14 +212,15 @@ def decoder_block_spec(config, pp_rank: int, layer_class_for: LayerClassFor | No
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=pp_rank
     )
-    if layer_class_for is None:
-        return spec
     numbers = stage_layers(config, pp_rank)
     specs = []
     for number, layer_spec in zip(numbers, spec.layer_specs, strict=True):
-        cls = layer_class_for(number)
-        specs.append(layer_spec if cls is None else dc_replace(layer_spec, module=cls))
-    return dc_replace(spec, layer_specs=specs)
+        norms = dc_replace(
+            layer_spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm
+        )
+        cls = layer_class_for(number) if layer_class_for is not None else None
+        specs.append(dc_replace(layer_spec, module=cls or layer_spec.module, submodules=norms))
+    return dc_replace(spec, layer_specs=specs, layer_norm=LocalRMSNorm)
 
 
 def build_gpt_model(

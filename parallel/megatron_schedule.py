@@ -46,13 +46,20 @@ class Pipeline:
     stage: MegatronStage
     device: torch.device
     scope: Callable[[], AbstractContextManager]  # megatron_cpu.device_scope on CPU
+    # Under sequence parallelism the TP ranks split the sequence evenly: every micro-batch is
+    # right-padded to a multiple of TP (what runs past a row's length is padding everywhere).
+    seq_multiple: int = 1
+
+    def padded(self, ids: Tensor) -> Tensor:
+        extra = -ids.shape[1] % self.seq_multiple
+        return torch.nn.functional.pad(ids, (0, extra), value=0) if extra else ids
 
     def run(self, feeds: Sequence[Feed], *, forward_only: bool, loss_func: LossFunc) -> list[Any]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[Feed], model):
             feed = next(data_iterator)
-            ids = feed.input_ids.to(self.device)
+            ids = self.padded(feed.input_ids).to(self.device)
             positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand_as(ids)
             extra = None
             if feed.context is not None:
@@ -68,7 +75,7 @@ class Pipeline:
                 data_iterator=iter(feeds),
                 model=[self.model],
                 num_microbatches=len(feeds),
-                seq_length=max(f.input_ids.shape[1] for f in feeds),
+                seq_length=max(self.padded(f.input_ids).shape[1] for f in feeds),
                 micro_batch_size=max(f.input_ids.shape[0] for f in feeds),
                 forward_only=forward_only,
             )

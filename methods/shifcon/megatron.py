@@ -200,12 +200,17 @@ class ShifConStage(MegatronStage):
         return shifted.transpose(0, 1).contiguous()
 
     def _full_rows(self, hidden: Tensor, rows: Tensor) -> Tensor:
-        """``[n, s, h]`` of the chosen rows, the whole sequence even under sequence parallelism."""
+        """``[n, s, h]`` of the chosen rows, the whole sequence even under sequence parallelism.
+
+        Every TP rank then repeats the same computation on the gathered rows, so the backward
+        of the gather hands each rank its own slice of the gradient
+        (``tensor_parallel_output_grad=False``); the default reduce-scatter would sum TP
+        identical copies and make the contrastive gradient TP times too large."""
         picked = hidden[:, rows]
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            picked = gather_from_sequence_parallel_region(picked)
+            picked = gather_from_sequence_parallel_region(picked, tensor_parallel_output_grad=False)
         return picked.transpose(0, 1)
 
     def _statistics(self, number: int, hidden: Tensor, context: Tensor) -> None:

@@ -2,11 +2,16 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 -m tests.helpers.megatron_worker SPEC.json OUT``
 
-SPEC is a list of jobs, run in order in the same two processes, each a fresh megatron layout:
-``{"name", "recipe", "train": bool, "logits": bool, "generate": bool, "export_untrained": bool}``
+SPEC is a list of jobs, run in order in the same processes (2 or 4), each a fresh megatron layout:
+``{"name", "recipe", "train": bool, "steps": bool, "logits": bool, "generate": bool,
+"export_untrained": bool}``
 (``generate``: cached greedy decoding recorded by `tests/helpers/engine_generation.py`). Training goes
 through `run_training`, the function every launcher's workers run; logits are taken from a
 session re-opened on the run directory (so they come from the distributed checkpoint).
+``steps``: only the engine's optimizer steps on the launcher's batches (no evaluation, no
+checkpoint), recording each step's loss, metrics and gradient norm in ``steps.json`` and the
+weights after the last step in ``export/``: what layout parity tests compare, at a fraction of
+a full run's cost.
 Everything a test asserts on is written under OUT/<name>/.
 """
 
@@ -39,6 +44,30 @@ def _close() -> None:
     ps.destroy_model_parallel()
 
 
+def run_steps(recipe, run_dir: Path) -> None:
+    """The training loop's batches and learning rates through `train_step`, nothing else."""
+    from data.batching import GlobalBatchStream
+    from launcher.loop import lr_at, micro_batches
+
+    session = open_session(recipe, run_dir)
+    t = recipe.training
+    stream = GlobalBatchStream(
+        [len(e) for e in session.data.train],
+        t.global_batch_size,
+        t.seed,
+        recipe.data.batching == "bucket",
+        session.state.position,
+    )
+    steps = []
+    for step in range(t.steps):
+        result = session.engine.train_step(micro_batches(session, stream.next()), lr_at(step, recipe))
+        steps.append({"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics})
+    session.engine.export(run_dir / "export")
+    if dist.get_rank() == 0:
+        (run_dir / "steps.json").write_text(json.dumps(steps))
+    _close()
+
+
 def run_job(job: dict, out: Path) -> None:
     from methods.shifcon.megatron import ShifConLayer
 
@@ -52,6 +81,8 @@ def run_job(job: dict, out: Path) -> None:
             staged.training.steps = steps
             run_training(staged, run_dir)  # writes run_dir/summary.json
             _close()
+    if job.get("steps"):
+        run_steps(recipe, run_dir)
     if not (job.get("logits") or job.get("export_untrained") or job.get("generate")):
         return
     session = open_session(recipe, run_dir)
