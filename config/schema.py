@@ -36,10 +36,20 @@ class ModelSection(Section):
         "offline), a .gguf file, or an embedded model name.",
     )
     gguf_file: str | None = Field(None, description="GGUF file inside `backbone` (a directory).")
-    revision: str | None = None
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of a hub id."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model repository's own Python code (off: only transformers' classes).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in backward (less memory, about 1/3 more compute).",
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="transformers attention kernel."
+    )
     chat_template: str | None = Field(
         None, description="Jinja chat template that replaces the tokenizer's own."
     )
@@ -62,8 +72,10 @@ class DataSource(Section):
         description="Canonical name (id, lang, instruction, input, response, messages) -> the "
         "source's field name.",
     )
-    split: str = "train"
-    limit: PositiveInt | None = None
+    split: str = Field("train", description="datasets split to read (datasets sources only).")
+    limit: PositiveInt | None = Field(
+        None, description="Stop after this many valid rows of the source."
+    )
 
     @field_validator("fields")
     @classmethod
@@ -77,30 +89,49 @@ class DataSource(Section):
 
 class DataSection(Section):
     train: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(path="builtin:polyglot")], min_length=1
+        default_factory=lambda: [DataSource(path="builtin:polyglot")],
+        min_length=1,
+        description="Training sources, concatenated.",
     )
     eval: list[DataSource] = Field(
         default_factory=list,
         description="Held-out sources; when empty, `eval_fraction` of the train ids is held out.",
     )
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    eval_samples_per_language: PositiveInt = 32
+    eval_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Without data.eval: fraction of item ids held out, in every language.",
+    )
+    eval_samples_per_language: PositiveInt = Field(
+        32, description="Held-out rows per language for the held-out loss."
+    )
     languages: list[str] | None = Field(
         None, description="Keep only these languages (all languages of the data when unset)."
     )
-    dominant_language: str = "en"
-    max_length: PositiveInt = 256
-    on_bad_row: Literal["error", "skip"] = "error"
+    dominant_language: str = Field(
+        "en",
+        description="The language the others are aligned to (ShifCon's English); must have rows.",
+    )
+    max_length: PositiveInt = Field(
+        256,
+        description="Tokens per example; longer ones are cut (a row with no response token left is dropped).",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: stop at a malformed row (file:line); skip: skip and count it."
+    )
     batching: Literal["bucket", "random"] = Field(
         "bucket", description="bucket: length-bucketed global batches (less padding)."
     )
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(
+        None, description="System turn for every prompt (a conversation's own system turn wins)."
+    )
 
 
 class SFTMethod(Section):
     """Plain supervised fine-tuning: the baseline every method is compared against."""
 
-    name: Literal["sft"] = "sft"
+    name: Literal["sft"] = Field("sft", description="Plain supervised fine-tuning.")
 
 
 class PairSource(Section):
@@ -109,14 +140,18 @@ class PairSource(Section):
         description="train: parallel pairs from the training rows (same id, dominant vs other "
         "language); else a JSONL file/folder of {lang, en, target} rows (e.g. the shared data).",
     )
-    limit_per_language: PositiveInt | None = None
-    max_length: PositiveInt = 128
+    limit_per_language: PositiveInt | None = Field(
+        None, description="At most this many pairs per language (all when unset)."
+    )
+    max_length: PositiveInt = Field(
+        128, description="Tokens per pair sentence; longer ones are cut."
+    )
 
 
 class ShifConMethod(Section):
     """ShifCon: shift non-dominant languages into the dominant subspace for layers [f, b)."""
 
-    name: Literal["shifcon"]
+    name: Literal["shifcon"] = Field(description="ShifCon (shift + multilingual contrastive loss).")
     band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
         description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
         "auto: chosen by the layer probe (methods/shifcon/probe.py) on the training data before training."
@@ -127,10 +162,15 @@ class ShifConMethod(Section):
     probe_tolerance: NonNegativeFloat = Field(
         0.1, description="band: auto: relative tolerance over the minimum mean distance."
     )
-    vector_mode: Literal["precompute", "running"] = "precompute"
+    vector_mode: Literal["precompute", "running"] = Field(
+        "precompute",
+        description="precompute: language vectors from one pass of the frozen model; running: they keep updating from the unshifted contrastive forwards.",
+    )
     vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
-    alpha: NonNegativeFloat = 0.5
-    beta: NonNegativeFloat = 2.0
+    alpha: NonNegativeFloat = Field(
+        0.5, description="Weight of the LM loss: total = alpha * LM + beta * MCL."
+    )
+    beta: NonNegativeFloat = Field(2.0, description="Weight of the contrastive (MCL) loss.")
     tau: PositiveFloat = Field(
         0.05, description="InfoNCE temperature (chosen by measurement: README, ShifCon)."
     )
@@ -147,7 +187,9 @@ class ShifConMethod(Section):
         "in generation), for data whose answers are in the dominant language (x -> en).",
     )
     mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
-    pairs: PairSource = Field(default_factory=PairSource)
+    pairs: PairSource = Field(
+        default_factory=PairSource, description="Parallel pairs for the contrastive loss."
+    )
 
     @field_validator("band")
     @classmethod
@@ -164,7 +206,7 @@ class LensPrompts(Section):
         "file/folder of {lang, en, target} rows (e.g. the shared parallel data).",
     )
     count: PositiveInt = Field(200, description="Parallel prompt items, split over languages.")
-    max_length: PositiveInt = 128
+    max_length: PositiveInt = Field(128, description="Tokens per prompt; longer ones are cut.")
     batch_size: int = Field(8, ge=1, description="Parallel prompt items per micro-batch.")
 
 
@@ -172,7 +214,7 @@ class LensMethod(Section):
     """Lens: edit the top k layers so target languages move toward English along the
     language-agnostic direction and apart in the language-specific subspace; English kept."""
 
-    name: Literal["lens"]
+    name: Literal["lens"] = Field(description="Lens (edit the top layers in language subspaces).")
     top_k: PositiveInt = Field(2, description="Only the top k decoder layers train.")
     retain: NonNegativeFloat = Field(1.0, description="Weight of the English-retention MSE.")
     pull: NonNegativeFloat = Field(1.0, description="Weight of the agnostic-space pull MSE.")
@@ -181,7 +223,9 @@ class LensMethod(Section):
     languages: list[str] | None = Field(
         None, description="Target languages (default: every non-dominant run language)."
     )
-    prompts: LensPrompts = Field(default_factory=LensPrompts)
+    prompts: LensPrompts = Field(
+        default_factory=LensPrompts, description="Parallel prompts the Lens losses are computed on."
+    )
 
 
 MethodSection = Annotated[SFTMethod | ShifConMethod | LensMethod, Field(discriminator="name")]
@@ -189,20 +233,40 @@ METHOD_NAMES = ("sft", "shifcon", "lens")
 
 
 class TrainingSection(Section):
-    steps: PositiveInt = 100
-    global_batch_size: PositiveInt = 8
-    micro_batch_size: PositiveInt = 1
-    lr: PositiveFloat = 2e-5
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: NonNegativeInt = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: NonNegativeFloat = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: NonNegativeFloat = 1.0
+    steps: PositiveInt = Field(100, description="Optimizer steps.")
+    global_batch_size: PositiveInt = Field(
+        8,
+        description="Examples per optimizer step over all data-parallel ranks (micro_batch_size x DP x accumulation).",
+    )
+    micro_batch_size: PositiveInt = Field(
+        1, description="Examples per forward/backward on one rank."
+    )
+    lr: PositiveFloat = Field(2e-5, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Final learning rate as a fraction of lr (cosine and linear).",
+    )
+    warmup_steps: NonNegativeInt = Field(0, description="Linear warm-up steps from 0 to lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1)."
+    )
+    grad_clip: NonNegativeFloat = Field(
+        1.0, description="Clip the global gradient norm to this (0: no clipping)."
+    )
     eval_every: NonNegativeInt = Field(0, description="0: evaluate only before and after.")
-    eval_batch_size: PositiveInt = 8
-    log_every: PositiveInt = 1
-    seed: int = 0
+    eval_batch_size: PositiveInt = Field(
+        8, description="Examples per forward of the held-out loss."
+    )
+    log_every: PositiveInt = Field(
+        1, description="Log training metrics every N steps (and at the last)."
+    )
+    seed: int = Field(0, description="Seed of data order, initialisation and dropout.")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:
@@ -231,8 +295,10 @@ class ParallelSection(Section):
     distributed_optimizer: bool = Field(
         False, description="megatron: shard the optimizer state over data-parallel ranks."
     )
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_optimizer: bool = Field(
+        False, description="deepspeed: optimizer state in CPU memory (ZeRO-Offload)."
+    )
+    offload_params: bool = Field(False, description="deepspeed, ZeRO-3: parameters in CPU memory.")
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config merged over the generated one (last word).",
@@ -240,12 +306,20 @@ class ParallelSection(Section):
 
 
 class ClusterSection(Section):
-    nodes: PositiveInt = 1
-    workers_per_node: PositiveInt = 1
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    cpus_per_worker: PositiveFloat = 1.0
-    gpus_per_worker: NonNegativeFloat = 1.0
-    max_failures: NonNegativeInt = 0
+    nodes: PositiveInt = Field(1, description="Machines; a local run is one node.")
+    workers_per_node: PositiveInt = Field(
+        1,
+        description="Processes per node (one per GPU); >1 without a launcher starts them locally.",
+    )
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: GPU when CUDA is available, else CPU."
+    )
+    cpus_per_worker: PositiveFloat = Field(1.0, description="Ray: CPUs reserved per worker.")
+    gpus_per_worker: NonNegativeFloat = Field(1.0, description="Ray: GPUs reserved per worker.")
+    max_failures: NonNegativeInt = Field(
+        0,
+        description="Restarts of the worker group after a failure (each resumes from the newest checkpoint).",
+    )
     launcher: Literal["auto", "local", "ray"] = Field(
         "auto",
         description="Who starts the workers. auto: Ray Train when a Ray cluster is known "
@@ -264,22 +338,31 @@ class ClusterSection(Section):
 
 
 class TrackingSection(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Log to MLflow (off: nothing is logged).")
     tracking_uri: str | None = Field(
         None, description="MLflow server or store; default: MLFLOW_TRACKING_URI, else ./mlflow.db"
     )
-    experiment: str = "polyshift"
-    run_name: str | None = None
-    registered_model_name: str | None = None
-    log_system_metrics: bool = True
-    log_model: bool = True
+    experiment: str = Field("polyshift", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: the recipe name).")
+    registered_model_name: str | None = Field(
+        None,
+        description="Register the export under this model name (unset: logged, not registered).",
+    )
+    log_system_metrics: bool = Field(
+        True, description="CPU, memory and GPU usage as system/ metrics."
+    )
+    log_model: bool = Field(True, description="Log the export as an MLflow model after training.")
 
 
 class CheckpointSection(Section):
     every: NonNegativeInt = Field(0, description="0: only at the end of training.")
-    keep_last: PositiveInt = 2
+    keep_last: PositiveInt = Field(
+        2, description="Complete checkpoints kept; older ones are deleted."
+    )
     resume: bool = Field(True, description="Resume from the newest checkpoint of the run dir.")
-    export: bool = True
+    export: bool = Field(
+        True, description="Write <run dir>/export (a Hugging Face directory) after training."
+    )
 
 
 EVAL_TASKS = ("xcopa", "mgsm", "bitext", "ppl")
@@ -309,7 +392,7 @@ class EvalSection(Section):
         "mgsm: ../shared/data/mgsm/{lang}.jsonl.",
     )
     limit: PositiveInt | None = Field(None, description="First N rows per language and task.")
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = Field(8, description="Rows per forward.")
     max_new_tokens: PositiveInt = Field(256, description="mgsm: greedy tokens per answer.")
     max_length: PositiveInt | None = Field(
         None, description="Longest scored sequence (cut on the left); default: the model's."
@@ -353,7 +436,7 @@ class LoraSection(Section):
     """LoRA adapters through peft (model/lora.py): the backbone is frozen and only the adapters
     train; the export holds the merged model and the adapter. Deepspeed engine only."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight.")
     rank: PositiveInt = Field(16, description="r: the adapters' inner dimension.")
     alpha: PositiveFloat = Field(32.0, description="Scale alpha: the update is alpha/r * B A.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
@@ -392,17 +475,42 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class Recipe(Section):
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
-    output_dir: str = "runs"
-    model: ModelSection = Field(default_factory=ModelSection)
-    lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSection = Field(default_factory=DataSection)
-    method: MethodSection = Field(default_factory=SFTMethod)
-    training: TrainingSection = Field(default_factory=TrainingSection)
-    parallel: ParallelSection = Field(default_factory=ParallelSection)
-    cluster: ClusterSection = Field(default_factory=ClusterSection)
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
-    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
+    output_dir: str = Field("runs", description="Folder that holds the run directories.")
+    model: ModelSection = Field(
+        default_factory=ModelSection, description="The backbone and how it is loaded."
+    )
+    lora: LoraSection = Field(
+        default_factory=LoraSection,
+        description="Parameter-efficient training with LoRA adapters (off by default).",
+    )
+    data: DataSection = Field(
+        default_factory=DataSection, description="Training and held-out data."
+    )
+    method: MethodSection = Field(
+        default_factory=SFTMethod,
+        description="The training method, chosen by `name`: sft, shifcon or lens.",
+    )
+    training: TrainingSection = Field(
+        default_factory=TrainingSection,
+        description="Optimisation: steps, batch sizes, learning-rate schedule, seed.",
+    )
+    parallel: ParallelSection = Field(
+        default_factory=ParallelSection,
+        description="Engine and parallel layout (ZeRO stage, TP/PP, precision).",
+    )
+    cluster: ClusterSection = Field(
+        default_factory=ClusterSection, description="Nodes, workers, devices and restarts."
+    )
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection, description="MLflow tracking (rank 0 only)."
+    )
+    checkpoint: CheckpointSection = Field(
+        default_factory=CheckpointSection, description="Checkpoints, resume and export."
+    )
+    eval: EvalSection = Field(
+        default_factory=EvalSection,
+        description="Benchmarks run on the training engine after training.",
+    )
 
     @field_validator("name")
     @classmethod
