@@ -23,7 +23,7 @@ from torch import Tensor
 from config.errors import UserError
 from config.schema import Recipe
 from data.formatting import Batch, Example
-from methods.base import Method, StageContext, lm_loss
+from methods.base import Method, StageContext
 from methods.registry import megatron_stage_class
 from model.backbone import ResolvedBackbone
 from parallel import megatron_cpu
@@ -44,7 +44,13 @@ from parallel.megatron_model import (
     summary,
     transformer_config,
 )
-from parallel.megatron_schedule import Feed, Pipeline, no_loss, record_layer_outputs
+from parallel.megatron_schedule import (
+    Feed,
+    Pipeline,
+    no_loss,
+    record_layer_outputs,
+    vocab_parallel_lm_loss,
+)
 from parallel.safe_load import load_tensors
 
 CLIENT_STATE = "polyshift_client_state.pt"
@@ -222,10 +228,8 @@ class MegatronEngine(Engine):
         return ps.get_data_parallel_world_size()
 
     def _train_loss(self, feed: Feed, logits: Tensor):
-        # Extra rows may have widened the micro-batch: the LM rows' own width is the label width.
-        width = feed.batch.labels.shape[1]
-        logits = logits[:, :width, : self.shape.vocab].float()
-        lm = lm_loss(logits, feed.batch.to(logits.device))
+        """Vocab-parallel: `logits` is this TP rank's ``[B, W, V/TP]`` slice, never gathered."""
+        lm = vocab_parallel_lm_loss(logits, feed.batch, self.shape.vocab)
         return self.stage.lm_term(lm), {"loss_lm": lm.detach()}
 
     def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
@@ -273,10 +277,39 @@ class MegatronEngine(Engine):
             captured.append(logits[:, : feed.input_ids.shape[1], : self.shape.vocab].float())
             return logits.new_zeros(()), {}
 
-        self.pipeline.forward_only(self._eval_feed(batch), keep)
+        self.pipeline.forward_only(self._eval_feed(batch), keep, gather_logits=True)
         b, t = batch.input_ids.shape
         device = self.ctx.torch_device
         logits = captured[0] if captured else torch.empty(b, t, self.shape.vocab, device=device)
+        if self.pp > 1:
+            dist.broadcast(
+                logits,
+                src=ps.get_pipeline_model_parallel_last_rank(),
+                group=ps.get_pipeline_model_parallel_group(),
+            )
+        return logits
+
+    @torch.no_grad()
+    def last_logits(self, batch: Batch) -> Tensor:
+        """``[B, V]`` at each row's last position on every rank: only those rows of the logits
+        are gathered over TP (what decoding without a cache needs)."""
+        from megatron.core import parallel_state as ps
+
+        captured: list[Tensor] = []
+        last = batch.attention_mask.sum(dim=1) - 1
+
+        def keep(feed: Feed, logits: Tensor):
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            mine = logits[rows, last.to(logits.device)].float().contiguous()
+            parts = [torch.empty_like(mine) for _ in range(self.tp)]
+            dist.all_gather(parts, mine, group=ps.get_tensor_model_parallel_group())
+            captured.append(torch.cat(parts, dim=-1)[:, : self.shape.vocab])
+            return logits.new_zeros(()), {}
+
+        self.pipeline.forward_only(self._eval_feed(batch), keep)
+        rows = batch.input_ids.shape[0]
+        device = self.ctx.torch_device
+        logits = captured[0] if captured else torch.empty(rows, self.shape.vocab, device=device)
         if self.pp > 1:
             dist.broadcast(
                 logits,
@@ -317,7 +350,9 @@ class MegatronEngine(Engine):
         dist.all_gather_object(parts, captured, group=ps.get_pipeline_model_parallel_group())
         merged = {i: t for part in parts for i, t in part.items()}
         width = batch.input_ids.shape[1]  # without the sequence-parallel padding
-        return [merged[i][:, :width].to(self.ctx.torch_device) for i in range(self.shape.layers + 1)]
+        return [
+            merged[i][:, :width].to(self.ctx.torch_device) for i in range(self.shape.layers + 1)
+        ]
 
     # -- method state -----------------------------------------------------------------------
 

@@ -65,9 +65,7 @@ class Recompute:
         for row, seq in enumerate(self.seqs):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        out = engine.forward_logits(Batch(ids, mask, ids, lang_ids))
-        last = (mask.sum(dim=1) - 1).to(out.device)
-        return out[torch.arange(len(self.seqs), device=out.device), last]
+        return engine.last_logits(Batch(ids, mask, ids, lang_ids))  # gathers only those rows
 
 
 def attention_mask(mask: Tensor, width: int) -> Tensor:
@@ -99,7 +97,7 @@ def _step(engine: Any, state: DecodeState, input_ids: Tensor) -> Tensor:
             attention_mask(state.attention_mask, width).to(device),
             inference_context=cache,
             extra_block_kwargs=extra,
-            runtime_gather_output=True,  # full-vocabulary logits on every TP rank
+            runtime_gather_output=True,  # full-vocabulary logits of the last position
         )
 
         def keep(logits: Tensor):
@@ -108,6 +106,14 @@ def _step(engine: Any, state: DecodeState, input_ids: Tensor) -> Tensor:
 
         return output, keep
 
+    # Only the last position's logits are returned: the output layer (and megatron's gather of
+    # its vocabulary slices, which inference mode always does) sees only that position.
+    module = engine.model.module
+    hook = None
+    if module.post_process:
+        hook = module.output_layer.register_forward_pre_hook(
+            lambda _layer, args: (args[0][-1:], *args[1:])
+        )
     engine.model.eval()
     try:
         with engine.device_scope():
@@ -122,6 +128,8 @@ def _step(engine: Any, state: DecodeState, input_ids: Tensor) -> Tensor:
             )
     finally:
         engine.model.train()
+        if hook is not None:
+            hook.remove()
     cache.sequence_len_offset += width
     logits = captured[0] if captured else torch.empty(rows, engine.shape.vocab, device=device)
     if engine.pp > 1:

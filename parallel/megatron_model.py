@@ -250,7 +250,7 @@ def build_gpt_model(
         rotary_base=int(shape.rope_theta)
         if float(shape.rope_theta).is_integer()
         else shape.rope_theta,
-        parallel_output=False,  # full logits on every TP rank: the loss is the shared one
+        parallel_output=True,  # logits split over the vocabulary: the loss is vocab-parallel
         **kwargs,
     )
 

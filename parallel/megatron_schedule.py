@@ -1,5 +1,9 @@
 """Micro-batches through megatron-core's pipeline schedules, and what eval-mode passes record.
 
+Logits stay split over the vocabulary (TP) unless a pass asks for them whole: the training
+loss is megatron's vocab-parallel cross-entropy (`vocab_parallel_lm_loss`), so no rank ever
+holds ``B x T x V`` for it; evaluation and generation gather only the logits they return.
+
 One function runs a list of micro-batches through `get_forward_backward_func` (1F1B when PP > 1,
 plain accumulation otherwise), forward-only or with the backward; the loss function decides what
 each last-stage output becomes. The method's per-row context travels with each micro-batch into
@@ -54,7 +58,16 @@ class Pipeline:
         extra = -ids.shape[1] % self.seq_multiple
         return torch.nn.functional.pad(ids, (0, extra), value=0) if extra else ids
 
-    def run(self, feeds: Sequence[Feed], *, forward_only: bool, loss_func: LossFunc) -> list[Any]:
+    def run(
+        self,
+        feeds: Sequence[Feed],
+        *,
+        forward_only: bool,
+        loss_func: LossFunc,
+        gather_logits: bool = False,
+    ) -> list[Any]:
+        """`loss_func` sees each TP rank's vocabulary slice of the logits ``[B, T, V/TP]``
+        unless `gather_logits` (then the full ``[B, T, V]``)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[Feed], model):
@@ -66,7 +79,9 @@ class Pipeline:
                 extra = {"context": self.stage.block_context(feed.context).to(self.device)}
             # No attention mask: rows are right-padded and attention is causal, so content
             # positions never see padding (padding positions are masked out of every loss).
-            output = model(ids, positions, None, extra_block_kwargs=extra)
+            output = model(
+                ids, positions, None, extra_block_kwargs=extra, runtime_gather_output=gather_logits
+            )
             return output, partial(loss_func, feed)
 
         with self.scope():
@@ -80,11 +95,15 @@ class Pipeline:
                 forward_only=forward_only,
             )
 
-    def forward_only(self, feed: Feed, loss_func: LossFunc = no_loss) -> list[Any]:
+    def forward_only(
+        self, feed: Feed, loss_func: LossFunc = no_loss, gather_logits: bool = False
+    ) -> list[Any]:
         """One eval-mode forward of `feed` (the model is back in train mode afterwards)."""
         self.model.eval()
         try:
-            return self.run([feed], forward_only=True, loss_func=loss_func)
+            return self.run(
+                [feed], forward_only=True, loss_func=loss_func, gather_logits=gather_logits
+            )
         finally:
             self.model.train()
 
@@ -114,3 +133,27 @@ def record_layer_outputs(
     if module.post_process:  # registered last: replaces layer L's entry with the normed one
         modules.append((num_layers, module.decoder.final_layernorm))
     return captured, [m.register_forward_hook(record(i)) for i, m in modules]
+
+
+def vocab_parallel_lm_loss(logits: Tensor, batch: Batch, vocab: int) -> Tensor:
+    """`methods.base.lm_loss` on this TP rank's vocabulary slice ``[B, W, V/TP]`` of the logits
+    (W >= the label width: a method's extra rows or sequence-parallel padding may widen it).
+
+    megatron-core's vocab-parallel cross-entropy reduces the softmax over the TP group; the
+    rows that pad the vocabulary to a multiple of TP get -inf, so the softmax is the
+    unpadded model's. Labels shift left instead of the logits (no copy of the logits)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from data.formatting import IGNORE_INDEX
+
+    logits = logits.float()  # bf16: the fp32 copy the loss needs; fp32: the output itself
+    part = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * part
+    if start + part > vocab:  # the last rank's padding columns (the output is not reused)
+        logits[..., max(0, vocab - start) :] = float("-inf")
+    labels = batch.labels.to(logits.device)[:, 1:]
+    targets = torch.full(logits.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=logits.device)
+    targets[:, : labels.shape[1]] = labels
+    token_loss = vocab_parallel_cross_entropy(logits, targets)
+    return (token_loss * (targets != IGNORE_INDEX)).sum() / batch.token_normalizer

@@ -25,6 +25,9 @@ Assumptions (all per GPU, bytes):
   bytes also over DP (Megatron's own table: 6 + 12/DP bytes/param for bf16 with fp32 grads).
   The embedding and LM head sit on the first/last stage; the even split ignores that (Llama-2:
   0.4% of the parameters).
+- LoRA (recipe `lora:`, parallel/arch.py `LoraShape`): all weights stored in 16-bit as above,
+  grads and the 12 optimizer bytes only for the adapters (r * (in + out) per adapted linear),
+  ZeRO-3's gathered layer without a gradient; the adapters' activations are added per token.
 - Activations of one Llama block per token (16-bit, flash/SDPA attention so no s^2 scores,
   no dropout), derived from what autograd saves (the method of Korthikanti et al. 2022, whose
   GPT figure is s*b*h*(34 + 5*a*s/h) with dropout masks, eager attention and a 4h GELU MLP):
@@ -146,8 +149,12 @@ class ZeroBuffers:
 
 
 def model_states(arch: Arch, layout: Layout, zero: ZeroBuffers) -> dict[str, float]:
-    """Per-GPU bytes of params, grads, optimizer states (+ ZeRO-3's gathered layer)."""
-    p = arch.total_params
+    """Per-GPU bytes of params, grads, optimizer states (+ ZeRO-3's gathered layer).
+
+    With LoRA (``arch.lora``) every weight is still stored (16-bit, frozen base included), but
+    grads and the fp32 master + Adam moments exist only for the adapters
+    (``arch.trainable_params``), and the gathered layer has no gradient."""
+    p, t = arch.total_params, arch.trainable_params
     if layout.engine == "deepspeed":
         n, stage = layout.world, layout.zero_stage
 
@@ -155,12 +162,15 @@ def model_states(arch: Arch, layout: Layout, zero: ZeroBuffers) -> dict[str, flo
             return ("/N", n) if stage >= k else ("replicated", 1)
 
         (pt, pn), (gt, gn), (ot, on) = tag(3), tag(2), tag(1)
+        which = " of the adapters" if arch.lora else ""
         out = {
             f"params (16-bit, {pt})": 2 * p / pn,
-            f"grads (16-bit, {gt})": 2 * p / gn,
-            f"optimizer (fp32 master+m+v, {ot})": 12 * p / on,
+            f"grads{which} (16-bit, {gt})": 2 * t / gn,
+            f"optimizer{which} (fp32 master+m+v, {ot})": 12 * t / on,
         }
-        if stage == 3:
+        if stage == 3 and arch.lora:
+            out["gathered layer (16-bit param; frozen: no grad)"] = 2 * arch.largest_layer_params
+        elif stage == 3:
             out["gathered layer (16-bit param+grad)"] = 4 * arch.largest_layer_params
         return out
     mp = layout.tp * layout.pp
@@ -181,13 +191,22 @@ def step_transient(arch: Arch, layout: Layout, zero: ZeroBuffers) -> float:
     """fp32 gradient of one optimizer sub-group at the ZeRO-3 step (activations are gone)."""
     if layout.engine != "deepspeed" or layout.zero_stage == 0:
         return 0.0
-    return 4 * min(arch.total_params / layout.world, zero.sub_group)
+    return 4 * min(arch.trainable_params / layout.world, zero.sub_group)
 
 
 def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) -> dict[str, float]:
-    """Per-GPU activation bytes for `micro_batch` sequences (linear in micro_batch)."""
-    outside, inside = arch.activation_parts(work.eager_attention, work.seq)
+    """Per-GPU activation bytes for `micro_batch` sequences (linear in micro_batch).
+
+    Megatron as the engine runs it (parallel/megatron_model.py): megatron-core's local spec,
+    whose DotProductAttention is unfused (scores materialised, softmax in fp32: 2 bytes per
+    score more than the 16-bit eager figure), whatever the recipe's `attn_implementation`
+    (a Hugging Face setting); logits split over TP for the vocab-parallel loss; a method's
+    extra rows ride in the LM micro-batch, right-padded to its width (ShifCon's pair rows)."""
     megatron = layout.engine == "megatron"
+    eager = work.eager_attention or megatron
+    outside, inside = arch.activation_parts(eager, work.seq)
+    if megatron:
+        inside += 2.0 * arch.heads * work.seq  # the fp32 softmax output beside 16-bit scores
     tp = layout.tp if megatron else 1
     sp = tp if (megatron and layout.sequence_parallel) else 1
     per_tok = outside / sp + inside / tp  # one layer, one token, on this GPU
@@ -206,7 +225,8 @@ def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) ->
     out["logits (16-bit + fp32 + grad)"] = tokens * arch.vocab * 10 / tp
     extra = work.extra
     if extra is not None and extra.sequences:
-        extra_tokens = extra.seq_len * extra.sequences  # one such batch per micro-batch
+        width = max(extra.seq_len, work.seq) if megatron else extra.seq_len
+        extra_tokens = width * extra.sequences  # one such batch per micro-batch
         depth = min(extra.depth, stage_layers)  # the layers they pass that live on this stage
         out[extra.label] = stack(depth, extra_tokens, in_flight)
     return out

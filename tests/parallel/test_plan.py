@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from config.errors import UserError
+from methods.base import ExtraActivations
 from parallel.plan import (
     KNOWN_ARCHS,
     Arch,
@@ -99,12 +100,21 @@ def test_megatron_states_and_activation_split() -> None:
     assert states == pytest.approx((6 + 12 / 2) * p / 4)  # Megatron's 6 + 12/DP, over TP*PP
     work = Workload(seq=4, micro_batch=1, checkpointing=False)
     lay.accum = 1  # one micro-batch per step: nothing else in flight on stage 1
-    outside, inside = a.activation_parts()
+    # megatron-core's local attention is unfused: seq^2 scores, softmax in fp32 (+2 bytes each)
+    outside, inside = a.activation_parts(eager_attention=True, seq=4)
+    inside += 2 * a.heads * 4
     layers = sum(activations(a, lay, work, 1).values()) - 4 * 10 * 10 / 2  # minus logits
     assert layers == pytest.approx(2 * (outside + inside / 2) * 4)  # L/PP=2 layers, 4 tokens
     lay.sequence_parallel = True
     sp_layers = activations(a, lay, work, 1)["decoder layers"]
     assert sp_layers == pytest.approx(2 * (outside + inside) / 2 * 4)
+    # A method's extra rows are right-padded to the LM width on megatron, not on DeepSpeed.
+    extra = ExtraActivations("pairs", sequences=2, seq_len=2, depth=1)
+    wide = Workload(seq=4, micro_batch=1, checkpointing=False, extra=extra)
+    assert activations(a, lay, wide, 1)["pairs"] == pytest.approx((outside + inside) / 2 * 2 * 4)
+    ds = Layout("deepspeed", 8)
+    ds_parts = a.activation_parts(eager_attention=False, seq=4)
+    assert activations(a, ds, wide, 1)["pairs"] == pytest.approx(sum(ds_parts) * 2 * 2)
 
 
 @pytest.mark.parametrize("recipe", ["recipes/shifcon_7b.yaml", "recipes/shifcon_70b.yaml"])
