@@ -30,9 +30,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_KEY = re.compile(r"\.lora_[A-Za-z_]+\.")
 
 
-def lora_config(section: LoraSection, num_layers: int):
+def lora_config(section: LoraSection, num_layers: int, linears: list[str] | None = None):
     """peft's ``LoraConfig`` for the recipe section; 1-based ``layers`` become peft's 0-based
-    ``layers_to_transform``."""
+    ``layers_to_transform``. ``linears``: the model's linear module names, what all-linear
+    stands for when layers are chosen too (peft takes layers only with a list of names)."""
     from peft import LoraConfig
 
     layers = None
@@ -45,6 +46,8 @@ def lora_config(section: LoraSection, num_layers: int):
             )
         layers = [n - 1 for n in section.layers]
     targets = section.target_modules
+    if targets == "all-linear" and layers is not None and linears is not None:
+        targets = linears
     return LoraConfig(
         r=section.rank,
         lora_alpha=section.alpha,
@@ -78,7 +81,7 @@ def apply_lora(model: nn.Module, section: LoraSection) -> int:
     number of trainable (adapter) parameters."""
     from peft import inject_adapter_in_model
 
-    config = lora_config(section, model.config.num_hidden_layers)
+    config = lora_config(section, model.config.num_hidden_layers, _decoder_linears(model))
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as exc:
@@ -94,8 +97,11 @@ def apply_lora(model: nn.Module, section: LoraSection) -> int:
     return trainable
 
 
-def is_lora(model: nn.Module) -> bool:
-    return ADAPTER in getattr(model, "peft_config", {})
+def _decoder_linears(model: nn.Module) -> list[str]:
+    """Names of the linears below the LM head (peft's all-linear)."""
+    head = model.get_output_embeddings()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names - {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head})
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:

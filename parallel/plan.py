@@ -25,6 +25,9 @@ Assumptions (all per GPU, bytes):
   bytes also over DP (Megatron's own table: 6 + 12/DP bytes/param for bf16 with fp32 grads).
   The embedding and LM head sit on the first/last stage; the even split ignores that (Llama-2:
   0.4% of the parameters).
+- LoRA (recipe `lora:`, parallel/arch.py `LoraShape`): all weights stored in 16-bit as above,
+  grads and the 12 optimizer bytes only for the adapters (r * (in + out) per adapted linear),
+  ZeRO-3's gathered layer without a gradient; the adapters' activations are added per token.
 - Activations of one Llama block per token (16-bit, flash/SDPA attention so no s^2 scores,
   no dropout), derived from what autograd saves (the method of Korthikanti et al. 2022, whose
   GPT figure is s*b*h*(34 + 5*a*s/h) with dropout masks, eager attention and a 4h GELU MLP):
@@ -146,8 +149,12 @@ class ZeroBuffers:
 
 
 def model_states(arch: Arch, layout: Layout, zero: ZeroBuffers) -> dict[str, float]:
-    """Per-GPU bytes of params, grads, optimizer states (+ ZeRO-3's gathered layer)."""
-    p = arch.total_params
+    """Per-GPU bytes of params, grads, optimizer states (+ ZeRO-3's gathered layer).
+
+    With LoRA (``arch.lora``) every weight is still stored (16-bit, frozen base included), but
+    grads and the fp32 master + Adam moments exist only for the adapters
+    (``arch.trainable_params``), and the gathered layer has no gradient."""
+    p, t = arch.total_params, arch.trainable_params
     if layout.engine == "deepspeed":
         n, stage = layout.world, layout.zero_stage
 
@@ -155,12 +162,15 @@ def model_states(arch: Arch, layout: Layout, zero: ZeroBuffers) -> dict[str, flo
             return ("/N", n) if stage >= k else ("replicated", 1)
 
         (pt, pn), (gt, gn), (ot, on) = tag(3), tag(2), tag(1)
+        which = " of the adapters" if arch.lora else ""
         out = {
             f"params (16-bit, {pt})": 2 * p / pn,
-            f"grads (16-bit, {gt})": 2 * p / gn,
-            f"optimizer (fp32 master+m+v, {ot})": 12 * p / on,
+            f"grads{which} (16-bit, {gt})": 2 * t / gn,
+            f"optimizer{which} (fp32 master+m+v, {ot})": 12 * t / on,
         }
-        if stage == 3:
+        if stage == 3 and arch.lora:
+            out["gathered layer (16-bit param; frozen: no grad)"] = 2 * arch.largest_layer_params
+        elif stage == 3:
             out["gathered layer (16-bit param+grad)"] = 4 * arch.largest_layer_params
         return out
     mp = layout.tp * layout.pp
@@ -181,7 +191,7 @@ def step_transient(arch: Arch, layout: Layout, zero: ZeroBuffers) -> float:
     """fp32 gradient of one optimizer sub-group at the ZeRO-3 step (activations are gone)."""
     if layout.engine != "deepspeed" or layout.zero_stage == 0:
         return 0.0
-    return 4 * min(arch.total_params / layout.world, zero.sub_group)
+    return 4 * min(arch.trainable_params / layout.world, zero.sub_group)
 
 
 def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) -> dict[str, float]:
