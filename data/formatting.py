@@ -49,7 +49,7 @@ def content_span(tokenizer, instruction: str, system_prompt: str | None = None) 
     """[start, end) of the instruction's own tokens inside ``chat_prompt_ids``: the positions
     that say something about the sample, without the attention sink (position 0) and the chat
     template's scaffolding (system prompt, role markers), whose hidden states are the same for
-    every sample and, at the sink, hundreds of times larger than the rest (README, ShifCon).
+    every sample and, at the sink, hundreds of times larger than the rest (docs/shifcon.md).
 
     Found as what differs from the prompt rendered with an empty instruction (common prefix and
     suffix), so it needs no knowledge of the template; never position 0, never empty.

@@ -308,7 +308,7 @@ def sentence_embedding(h: Tensor, mask: Tensor, centre: Tensor | None = None) ->
 
     ``centre [B, D]`` or ``[D]`` (optional) is subtracted before normalising: the language
     vector of each sample's language, so that what is compared is where a sentence sits
-    relative to its language, not the direction shared by all sentences (README, ShifCon).
+    relative to its language, not the direction shared by all sentences (docs/shifcon.md).
     """
     mean = pooled_mean(h, mask)
     if centre is not None:

@@ -465,7 +465,7 @@ def prompt_positions(batch: Batch) -> torch.Tensor:
 def save_shifcon(
     directory: Path, stats: LanguageStats, band, vector_mode: str, shift_positions: str = "all"
 ) -> None:
-    """The vectors that travel with a model: see README, "ShifCon export format"."""
+    """The vectors that travel with a model: see docs/using_methods.md, "ShifCon export format"."""
     save_file(
         {
             "vectors": stats.means().float().cpu().contiguous(),
