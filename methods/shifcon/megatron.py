@@ -21,6 +21,10 @@ generic `MegatronStage` hooks (methods/base.py): the engine never reads ShifCon'
   data-parallel group; under sequence parallelism the rows are first gathered over the TP
   group, so TP ranks hold the same full-sequence statistics. The method's full statistics
   (what checkpoints, exports and metrics read) are gathered from the stages on demand.
+- Running vectors move once per micro-batch, as on the DeepSpeed engine: micro-batch i's
+  forward (shift and contrast) uses the statistics after micro-batches 0..i-1 (each one
+  DP-reduced delta), also when activation recomputation re-runs it after later micro-batches
+  (each forward's statistics are kept until its backward is surely done: at most PP + 1).
 """
 
 from __future__ import annotations
@@ -123,7 +127,8 @@ class ShifConStage(MegatronStage):
         self.device = where.device
         self.running = method.cfg.vector_mode == "running"
         self.stats: LanguageStats | None = None
-        self.delta: LanguageStats | None = None
+        self.deltas: dict[int, LanguageStats] = {}  # running: per micro-batch, not yet folded
+        self._used: dict[int, LanguageStats] = {}  # running: what each micro-batch's forward uses
         self.micro_scale = 1.0
         self.mcl_values: dict[tuple[int, int], float] = {}
         self._counted: set[tuple[int, int]] = set()
@@ -180,22 +185,42 @@ class ShifConStage(MegatronStage):
     def after_layer(self, number: int, hidden: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """hidden ``[s, rows, h]`` (``[s/tp, rows, h]`` under sequence parallelism)."""
         roles, langs = context[:, 0], context[:, 1]
+        stats = self._stats_for(context)
         if number in self.own:
             self._statistics(number, hidden, context)
         if self.f <= number < self.b and bool((roles == ROLE_ANCHOR).any()):
-            hidden = self._contrast(number, hidden, context)
+            hidden = self._contrast(number, hidden, context, stats)
         if number in (self.f, self.b) and bool((roles == ROLE_LM).any()):
             ids = torch.where(roles == ROLE_LM, langs, torch.full_like(langs, self.method.dominant))
-            hidden = self._shift(number, hidden, ids)
+            hidden = self._shift(number, hidden, ids, stats)
         if number == self.drop_after and bool(_is_pair(roles).any()):
             keep = ~_is_pair(roles)
             hidden = hidden[:, keep].contiguous()
             context = context[keep]
         return hidden, context
 
-    def _shift(self, number: int, hidden: Tensor, lang_ids: Tensor) -> Tensor:
+    def _stats_for(self, context: Tensor) -> LanguageStats | None:
+        """The statistics this forward uses: running vectors as they stood after the
+        micro-batches before this one (see the module docstring)."""
+        if not (self.running and torch.is_grad_enabled() and bool(_is_pair(context[:, 0]).any())):
+            return self.stats
+        micro = int(context[0, 3])
+        if micro not in self._used:  # this micro-batch's first forward on this stage
+            for done in sorted(m for m in self.deltas if m < micro):
+                self.stats.add_(all_reduce_(self.deltas.pop(done), self.dp_group))
+            for old in [m for m in self._used if m < micro - self.where.pp_size]:
+                del self._used[old]  # 1F1B: its backward (and any recomputation) is done
+            self._used[micro] = LanguageStats(
+                list(self.stats.languages),
+                list(self.stats.layers),
+                self.stats.sums.clone(),
+                self.stats.counts.clone(),
+            )
+        return self._used[micro]
+
+    def _shift(self, number: int, hidden: Tensor, lang_ids: Tensor, stats: LanguageStats) -> Tensor:
         shift = shift_toward if number == self.f else shift_backward
-        vectors = self.stats.layer_means(number).float().to(hidden.device)
+        vectors = stats.layer_means(number).float().to(hidden.device)
         shifted = shift(hidden.transpose(0, 1), lang_ids, vectors, self.method.dominant)
         return shifted.transpose(0, 1).contiguous()
 
@@ -224,7 +249,9 @@ class ShifConStage(MegatronStage):
             if key in self._counted:  # activation recomputation runs the layer again
                 return
             self._counted.add(key)
-            target, rows = self.delta, _is_pair(roles)
+            if key[0] not in self.deltas:
+                self.deltas[key[0]] = self.stats.zeros_like()
+            target, rows = self.deltas[key[0]], _is_pair(roles)
         else:
             return
         with torch.no_grad():
@@ -236,12 +263,14 @@ class ShifConStage(MegatronStage):
             )
             target.update(number, h, _content_mask(context[rows], h.shape[1]), langs)
 
-    def _contrast(self, number: int, hidden: Tensor, context: Tensor) -> Tensor:
+    def _contrast(
+        self, number: int, hidden: Tensor, context: Tensor, stats: LanguageStats
+    ) -> Tensor:
         roles = context[:, 0]
         anchors, targets = roles == ROLE_ANCHOR, roles == ROLE_TARGET
         h_en, h_x = self._full_rows(hidden, anchors), self._full_rows(hidden, targets)
-        means = self.stats.means()
-        pos = self.stats.layer_index(number)
+        means = stats.means()
+        pos = stats.layer_index(number)
         loss, _ = mcl_loss(
             [h_en],
             [h_x],
@@ -293,19 +322,19 @@ class ShifConStage(MegatronStage):
         self.micro_scale = 1.0 / num_microbatches
         self.mcl_values.clear()
         self._counted.clear()
-        if self.running and self.stats is not None:
-            self.delta = self.stats.zeros_like()
+        self.deltas.clear()
+        self._used.clear()
 
     def lm_term(self, lm: Tensor) -> Tensor:
         """alpha * LM; the beta * MCL terms enter the backward in the band layers."""
         return combine_losses(lm, None, self.method.cfg.alpha, self.method.cfg.beta)
 
     def end_step(self) -> None:
-        """Running vectors: one fused all-reduce of this stage's step delta over DP, then the
-        method's full statistics from every stage."""
-        if self.delta is not None:
-            self.stats.add_(all_reduce_(self.delta, self.dp_group))
-            self.delta = None
+        """Running vectors: the micro-batches not folded yet (one fused all-reduce over DP
+        each, in order), then the method's full statistics from every stage."""
+        for micro in sorted(self.deltas):
+            self.stats.add_(all_reduce_(self.deltas.pop(micro), self.dp_group))
+        self._used.clear()
         if self.running:
             self.sync_state()
 

@@ -49,10 +49,8 @@ def _recipe(model_dir: Path, out: Path, run: str, *, engine="megatron", tp=1, pp
         cluster={"workers_per_node": workers, "device": "cpu"},
         checkpoint={"every": 2, "keep_last": 3},
     )
-    if method.get("vector_mode") == "running":
-        # One micro-batch a step: megatron updates running vectors once per optimizer step,
-        # DeepSpeed once per micro-batch; with one micro-batch the two agree.
-        recipe["training"]["micro_batch_size"] = recipe["training"]["global_batch_size"]
+    # Gradient accumulation 2 (global 4, micro 2): running vectors move once per micro-batch on
+    # both engines, so the pp2/ds_running parity checks that cadence too.
     recipe["name"] = run
     return recipe
 
