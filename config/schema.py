@@ -458,8 +458,9 @@ class LoraSection(Section):
     )
     quantize: Literal["none", "nf4"] = Field(
         "none",
-        description="nf4: QLoRA-style 4-bit frozen base (needs bitsandbytes and CUDA; refused "
-        "on CPU); none: the base in the run's precision.",
+        description="nf4: a QLoRA-style 4-bit frozen base, not built yet: refused before the "
+        "run (it needs bitsandbytes on CUDA and a 4-bit ZeRO-3 load); none: the base in the "
+        "run's precision.",
     )
 
     @field_validator("layers")
