@@ -3,6 +3,11 @@
 Every public method is a no-op on other ranks, when tracking is disabled, and after the first
 MLflow failure (which prints one warning line). mlflow itself is imported only by an active
 tracker, so worker ranks never pay for it.
+
+In a multi-process run, model uploads (`log_hf_model`, `log_pyfunc_model`: a 70B export takes
+longer than the process group's collective timeout) wait until the run ends (`end`, after the
+training loop's last collective): the other ranks are then done, never waiting in a
+collective while rank 0 uploads.
 """
 
 from __future__ import annotations
@@ -301,7 +306,10 @@ class Tracker:
         log_system_metrics: bool = True,
         registered_model_name: str | None = None,
         workdir: str | os.PathLike = ".",
+        defer_models: bool | None = None,
     ) -> None:
+        """`defer_models`: upload models at `end` instead of when asked (None: when this
+        process is one rank of several, see the module docstring)."""
         self._wanted = bool(enabled and is_rank0)
         self._explicit_uri = tracking_uri
         self._experiment = experiment
@@ -318,6 +326,8 @@ class Tracker:
         self._client: Any = None
         self._params: dict[str, str] = {}
         self._owned_env: set[str] = set()
+        self._defer_models = defer_models
+        self._pending: list[Callable[[], Any]] = []  # model uploads waiting for end()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -445,8 +455,25 @@ class Tracker:
                 raise
             return found.experiment_id
 
+    def _deferring(self) -> bool:
+        if self._defer_models is not None:
+            return self._defer_models
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _defer(self, what: str, upload: Callable[[], Any]) -> None:
+        self._pending.append(upload)
+        print(f"mlflow: {what} is uploaded when the run ends", file=sys.stderr, flush=True)
+
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run; also after a failure, so the server shows how training ended."""
+        """Close the run; also after a failure, so the server shows how training ended.
+        Deferred model uploads run first, and only for a run that finished."""
+        pending, self._pending = self._pending, []
+        if self._active and status == "FINISHED":
+            self._defer_models = False
+            for upload in pending:
+                upload()
         if not self._started or self._run_id is None:
             return
         was_active, self._active = self._active, False
@@ -612,6 +639,12 @@ class Tracker:
         """
         if not self._active:
             return None
+        if self._deferring():
+            self._defer(
+                f"the model {export_dir}",
+                lambda: self.log_hf_model(export_dir, task=task, name=name, step=step),
+            )
+            return None
         path = Path(export_dir).resolve()  # absolute: mlflow's hub look-ups then fail offline
         if not (path / "config.json").is_file():
             _warn(f"{path} has no config.json; model not logged")
@@ -642,6 +675,19 @@ class Tracker:
         `log_hf_model`). Registered and linked to the metrics of
         ``step`` like `log_hf_model`."""
         if not self._active:
+            return None
+        if self._deferring():
+            self._defer(
+                f"the model {export_dir}",
+                lambda: self.log_pyfunc_model(
+                    export_dir,
+                    python_model=python_model,
+                    code_paths=code_paths,
+                    signature=signature,
+                    step=step,
+                    name=name,
+                ),
+            )
             return None
         path = Path(export_dir).resolve()
         with self._long_requests():

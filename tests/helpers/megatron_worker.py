@@ -12,6 +12,10 @@ session re-opened on the run directory (so they come from the distributed checkp
 checkpoint), recording each step's loss, metrics and gradient norm in ``steps.json`` and the
 weights after the last step in ``export/``: what layout parity tests compare, at a fraction of
 a full run's cost.
+``exit_like_launcher``: after training, leave as `launcher/worker.py` does (no collective after
+`run_training`), so the job must be the last; ``slow_upload_s``: rank 0's MLflow model upload
+first sleeps that long. With ``GROUP_TIMEOUT_S`` (third argument) the gloo group gets that
+collective timeout instead of the engine's 600 s.
 Everything a test asserts on is written under OUT/<name>/.
 """
 
@@ -60,12 +64,30 @@ def run_steps(recipe, run_dir: Path) -> None:
     )
     steps = []
     for step in range(t.steps):
-        result = session.engine.train_step(micro_batches(session, stream.next()), lr_at(step, recipe))
+        result = session.engine.train_step(
+            micro_batches(session, stream.next()), lr_at(step, recipe)
+        )
         steps.append({"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics})
     session.engine.export(run_dir / "export")
     if dist.get_rank() == 0:
         (run_dir / "steps.json").write_text(json.dumps(steps))
     _close()
+
+
+def _slow_uploads(seconds: float) -> None:
+    """The real uploads, each started `seconds` late (what a 70B export costs in time)."""
+    import time
+
+    from launcher.tracking import Tracker
+
+    for name in ("_log_transformers", "_log_pyfunc", "_log_checkpoint_files"):
+        real = getattr(Tracker, name)
+
+        def slowed(self, *args, _real=real, **kwargs):
+            time.sleep(seconds)
+            return _real(self, *args, **kwargs)
+
+        setattr(Tracker, name, slowed)
 
 
 def run_job(job: dict, out: Path) -> None:
@@ -75,6 +97,14 @@ def run_job(job: dict, out: Path) -> None:
     run_dir = out / job["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    if job.get("slow_upload_s"):
+        _slow_uploads(job["slow_upload_s"])
+    if job.get("exit_like_launcher"):
+        from megatron.core import parallel_state as ps
+
+        run_training(recipe, run_dir)
+        ps.destroy_model_parallel()  # local; the process group is left as the launcher leaves it
+        return
     if job.get("train"):
         for steps in job.get("stages", [recipe.training.steps]):
             staged = recipe.model_copy(deep=True)
@@ -120,13 +150,19 @@ def run_job(job: dict, out: Path) -> None:
     _close()
 
 
-def main(spec_path: str, out: str) -> None:
+def main(spec_path: str, out: str, group_timeout_s: str | None = None) -> None:
     torch.set_num_threads(1)
-    for job in json.loads(Path(spec_path).read_text()):
+    if group_timeout_s is not None:
+        from datetime import timedelta
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=float(group_timeout_s)))
+    jobs = json.loads(Path(spec_path).read_text())
+    for job in jobs:
         run_job(job, Path(out))
-    dist.barrier()
-    dist.destroy_process_group()
+    if not jobs[-1].get("exit_like_launcher"):
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
