@@ -112,3 +112,21 @@ def test_two_process_zero3_lora_shifcon_learns(tmp_path, tiny_model_dir):
     assert sum(s["losses"][-2:]) < sum(s["losses"][:2]), s["losses"]
     for lang, before in s["eval_before"].items():
         assert s["eval_after"][lang] < before, lang
+
+
+def test_resume_of_a_lora_run_is_bitwise_identical(tmp_path, tiny_model_dir, sft_run):
+    straight, _ = sft_run
+    sets = (*FAST, "checkpoint.every=2")
+    lora = {**LORA, "layers": [2, 3, 4]}
+    env = {"POLYSHIFT_FAIL_AT": "train_step:3"}
+    proc, run = train(tmp_path, tiny_model_dir, "lora_sft", *sets, env=env, lora=lora)
+    assert proc.returncode != 0 and "injected failure at train_step step 3" in proc.stderr
+    proc, run = train(tmp_path, tiny_model_dir, "lora_sft", *sets, lora=lora)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 2" in proc.stdout
+    assert summary(run)["losses"] == summary(straight)["losses"]
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        ours, ref = load_file(run / "export" / name), load_file(straight / "export" / name)
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            assert torch.equal(ours[key], ref[key]), (name, key)
