@@ -95,18 +95,71 @@ def _list_item(node: list, part: str, where: str) -> Any:
     return node[_list_index(node, part, where)]
 
 
-def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML where a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            seen[key] = line
+            if first is not None:
+                raise RecipeError(
+                    f"{self.name}:{line}: duplicate key {key!r} (first given on line {first})"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """UTF-8 text, or a RecipeError naming the file, the encoding problem and its line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    for bom, name in (
+        (b"\xff\xfe", "UTF-16"),
+        (b"\xfe\xff", "UTF-16"),
+        (b"\x00\x00\xfe\xff", "UTF-32"),
+    ):
+        if data.startswith(bom):
+            raise RecipeError(f"{path}: the {what} is {name} text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        hint = "; it looks like UTF-16, save it as UTF-8" if b"\x00" in data[:64] else ""
+        raise RecipeError(
+            f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x}){hint}"
+        ) from None
+
+
+def load_yaml_file(path: str | os.PathLike, what: str = "recipe") -> Any:
+    """A YAML file read strictly: UTF-8, no duplicate keys, errors as `file:line: problem`."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError(f"{path}: {what} file not found")
+    text = read_text_file(path, what)
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError(f"{where}: invalid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
+    tree = load_yaml_file(path, "recipe")
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):

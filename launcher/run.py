@@ -12,42 +12,80 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.errors import TrainingDiverged, UserError, WorkersFailed
+from config.cli import run_cli
+from config.errors import TrainingDiverged, WorkersFailed
 from config.recipe import RecipeError, dump_recipe, load_recipe
 from config.schema import Recipe
 
 
-def preflight(recipe: Recipe) -> None:
-    """Checks that need the filesystem or the method registry, done before any work or run
-    directory exists."""
+def preflight(recipe: Recipe, *, dry_run: bool = False, mode: str | None = None) -> str:
+    """Checks that need the filesystem, the machine or the method registry, done before any
+    work or run directory exists; returns the device the recipe runs on here ("cpu"/"cuda").
+
+    Order: what the method needs, the backbone's shape (config.json), then the backbone's
+    files, data, pairs and benchmark files, the device, output_dir and the raw DeepSpeed block.
+    """
+    from launcher import preflight as pf
     from methods.registry import backbone_errors, recipe_errors
 
     _raise_first(recipe_errors(recipe))
-    for section in ("train", "eval"):
-        for i, source in enumerate(getattr(recipe.data, section)):
-            path = Path(source.path).expanduser()
-            looks_local = source.path.startswith((".", "/", "~")) or path.suffix in (
-                ".jsonl",
-                ".json",
-                ".csv",
-                ".parquet",
-            )
-            if looks_local and not path.exists():
-                raise RecipeError(f"data.{section}.{i}.path: {source.path} does not exist")
     backbone = recipe.model.backbone
     config_file = Path(backbone).expanduser() / "config.json"
-    layers = None  # known before any work only for a local backbone
-    if config_file.is_file():
-        layers = json.loads(config_file.read_text()).get("num_hidden_layers")
-    if isinstance(layers, int):
-        _raise_first(backbone_errors(recipe.method, layers))
-    looks_local = backbone.startswith((".", "/", "~")) or backbone.endswith(".gguf")
-    if looks_local and not Path(backbone).expanduser().exists():
-        raise RecipeError(f"model.backbone: {backbone} does not exist")
+    if config_file.is_file() and not recipe.model.gguf_file:
+        config = pf.read_json_file(config_file, "model.backbone")
+        layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            _raise_first(backbone_errors(recipe.method, layers))
+    pf.check_backbone(recipe.model, download=not dry_run)
+    for section in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, section)):
+            pf.check_data_source(source.path, f"data.{section}.{i}.path")
+    pairs = getattr(recipe.method, "pairs", None)
+    if pairs is not None and pairs.path != "train":
+        pf.check_data_source(pairs.path, "method.pairs.path")
+    prompts = getattr(recipe.method, "prompts", None)
+    if prompts is not None and prompts.path != "train":
+        pf.check_data_source(prompts.path, "method.prompts.path")
+    _check_benchmark_files(recipe)
     if recipe.parallel.engine == "megatron":
         errors = megatron_layout_errors(recipe)
         if errors:
             raise RecipeError("invalid layout\n  " + "\n  ".join(errors))
+    if mode is None:
+        from launcher.ray_launch import choose_launcher
+
+        mode = choose_launcher(recipe.cluster)
+    device = pf.check_device(recipe, mode, dry_run=dry_run)
+    pf.check_local_workers(recipe, mode, device)
+    if not dry_run:
+        pf.check_output_dir(recipe)
+    if recipe.parallel.engine == "deepspeed" and recipe.parallel.deepspeed:
+        from parallel.ds_config import build_deepspeed_config
+
+        config = build_deepspeed_config(recipe, device)  # type: ignore[arg-type]
+        pf.first_error(pf.deepspeed_block_errors(recipe, config, device))
+    return device
+
+
+def _check_benchmark_files(recipe: Recipe) -> None:
+    """The ``eval:`` benchmark files, read now (all of them when the languages are known)."""
+    if not recipe.eval.enabled:
+        return
+    languages = recipe.eval.languages or recipe.data.languages
+    if languages:
+        from types import SimpleNamespace
+
+        from eval.engine import check_benchmarks
+
+        check_benchmarks(SimpleNamespace(recipe=recipe, data=SimpleNamespace(languages=languages)))
+        return
+    from eval.benchmarks import BenchmarkError
+    from eval.suite import check_data
+
+    try:
+        check_data(recipe.eval)
+    except BenchmarkError as exc:
+        raise RecipeError(f"eval: {exc}") from None
 
 
 def _raise_first(errors: list[str]) -> None:
@@ -71,11 +109,10 @@ def megatron_layout_errors(recipe: Recipe) -> list[str]:
     )
 
 
-def dry_run(recipe: Recipe) -> None:
-    from parallel.distributed import resolve_device
+def dry_run(recipe: Recipe, device: str) -> None:
+    """The resolved recipe and engine config, as the run on ``device`` would use them."""
     from parallel.ds_config import build_deepspeed_config
 
-    device = resolve_device(recipe.cluster.device)
     print("# resolved recipe")
     print(dump_recipe(recipe))
     if recipe.parallel.engine == "megatron":
@@ -92,9 +129,10 @@ def dry_run(recipe: Recipe) -> None:
         print(json.dumps(layout, indent=2))
         return
     print(f"# resolved DeepSpeed config (device: {device})")
-    print(json.dumps(build_deepspeed_config(recipe, device), indent=2))
+    print(json.dumps(build_deepspeed_config(recipe, device), indent=2))  # type: ignore[arg-type]
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polyshift", description=__doc__)
     parser.add_argument("recipe", help="YAML recipe")
@@ -108,22 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configs")
     args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        preflight(recipe)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        dry_run(recipe)
-        return 0
-
-    run_dir = Path(recipe.output_dir) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(args.recipe, args.overrides)
     from launcher.ray_launch import choose_launcher
-    from launcher.run_lock import run_dir_lock
 
     mode = choose_launcher(recipe.cluster)  # a worker already (RANK set), Ray, or local
+    device = preflight(recipe, dry_run=args.dry_run, mode=mode)
+    if args.dry_run:
+        dry_run(recipe, device)
+        return 0
+
+    run_dir = Path(recipe.output_dir).expanduser() / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from launcher.run_lock import run_dir_lock
+
     # The job's driver holds the run directory; of processes started as workers (torchrun,
     # srun: RANK set), rank 0 does.
     holds_lock = os.environ.get("RANK", "0") == "0"
@@ -131,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         with run_dir_lock(run_dir) if holds_lock else contextlib.nullcontext():
             (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             _launch(mode, recipe, run_dir)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except (WorkersFailed, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

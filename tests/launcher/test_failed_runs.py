@@ -41,11 +41,11 @@ def test_diverged_run_fails_without_export_and_mlflow_marks_it_failed(tmp_path, 
         tmp_path,
         tiny_model_dir,
         "nan",
-        "training.lr=.inf",
+        "training.lr=1e30",  # finite (the schema refuses inf), yet it diverges
         tracking={"enabled": True, "tracking_uri": uri, "experiment": "nan"},
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "training diverged at step 2: loss=nan" in proc.stderr  # step 1 applied lr=inf
+    assert "training diverged at step 2: grad_norm=inf" in proc.stderr  # step 1 applied lr=1e30
     assert "Traceback" not in proc.stderr
     assert not (run / "export").exists()
     assert not (run / "summary.json").exists()

@@ -12,10 +12,8 @@ from launcher.run_lock import LOCK_FILE, run_dir_lock
 from launcher.tracking import redact
 
 
-def _recipe(tmp_path, name="locked"):
-    backbone = tmp_path / "model"
-    backbone.mkdir()
-    (backbone / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+def _recipe(tmp_path, backbone, name="locked"):
+    """A recipe that passes the preflight (a real tiny backbone: its files are checked)."""
     recipe = {
         "name": name,
         "output_dir": str(tmp_path / "runs"),
@@ -27,8 +25,10 @@ def _recipe(tmp_path, name="locked"):
     return path, tmp_path / "runs" / name
 
 
-def test_second_job_into_a_held_run_directory_fails_at_once_naming_the_holder(tmp_path, capsys):
-    path, run_dir = _recipe(tmp_path)
+def test_second_job_into_a_held_run_directory_fails_at_once_naming_the_holder(
+    tmp_path, tiny_model_dir, capsys
+):
+    path, run_dir = _recipe(tmp_path, tiny_model_dir)
     run_dir.mkdir(parents=True)
     with run_dir_lock(run_dir):
         assert run_main([str(path)]) == 2
@@ -59,9 +59,11 @@ def test_credentials_in_uris_are_redacted():
     assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
-def test_only_rank_0_of_a_worker_group_takes_the_lock(tmp_path, monkeypatch, capsys):
+def test_only_rank_0_of_a_worker_group_takes_the_lock(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
     """torchrun starts run.py once per rank: rank 1 must not be refused by rank 0's lock."""
-    path, run_dir = _recipe(tmp_path)
+    path, run_dir = _recipe(tmp_path, tiny_model_dir)
     run_dir.mkdir(parents=True)
     monkeypatch.setenv("RANK", "1")
     called = []
