@@ -40,9 +40,11 @@ from parallel.megatron_model import (
     DecoderShape,
     build_gpt_model,
     layout_errors,
+    resolve_attention,
     stage_layers,
     summary,
     transformer_config,
+    transformer_engine_available,
 )
 from parallel.megatron_schedule import (
     Feed,
@@ -91,6 +93,14 @@ class MegatronEngine(Engine):
             raise UserError("; ".join(errors))
         if p.sequence_parallel and self.tp == 1:
             raise UserError("parallel.sequence_parallel: needs tensor_parallel > 1")
+        requested = getattr(p, "attention", "auto")
+        try:
+            self.attention = resolve_attention(
+                requested, self.on_gpu, self.on_gpu and transformer_engine_available()
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        te = self.attention == "transformer_engine"
         self.dtype = (
             torch.bfloat16 if resolve_precision(recipe, ctx.device) == "bf16" else torch.float32
         )
@@ -112,7 +122,7 @@ class MegatronEngine(Engine):
             self.tp_rank = ps.get_tensor_model_parallel_rank()
             self.layers = stage_layers(self.tconfig, self.pp_rank)
             self.place = StagePlace(
-                self.shape, self.layers, self.tp, self.tp_rank, self.pp, self.pp_rank
+                self.shape, self.layers, self.tp, self.tp_rank, self.pp, self.pp_rank, te
             )
             self.stage = stage_class(
                 method,
@@ -135,6 +145,7 @@ class MegatronEngine(Engine):
                 pp_rank=self.pp_rank,
                 pp=self.pp,
                 layer_class_for=self.stage.layer_class_for,
+                transformer_engine=te,
             )
             load_hf_weights(model, SafetensorsReader(Path(backbone.path)), self.place)
             if self.on_gpu:
@@ -155,6 +166,7 @@ class MegatronEngine(Engine):
             "sequence_parallel": p.sequence_parallel,
             "distributed_optimizer": p.distributed_optimizer,
             "recompute": recipe.model.gradient_checkpointing,
+            "attention": self.attention,
         }
 
     # -- set-up -----------------------------------------------------------------------------

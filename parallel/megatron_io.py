@@ -18,7 +18,7 @@ from torch import Tensor
 
 from config.errors import UserError
 from parallel.megatron_convert import hf_to_mcore, mcore_to_hf
-from parallel.megatron_model import DecoderShape
+from parallel.megatron_model import DecoderShape, from_spec_names, to_spec_names
 
 
 class SafetensorsReader:
@@ -59,6 +59,7 @@ class StagePlace:
     tp_rank: int
     pp: int
     pp_rank: int
+    transformer_engine: bool = False  # the TE spec: fused norms carry other names
 
     @property
     def first(self) -> bool:
@@ -80,6 +81,7 @@ def load_hf_weights(model: torch.nn.Module, read: SafetensorsReader, place: Stag
         pre_process=place.first,
         post_process=place.last,
     )
+    converted = to_spec_names(converted, place.transformer_engine)
     state = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
     if set(state) != set(converted):
         missing, extra = sorted(set(state) - set(converted)), sorted(set(converted) - set(state))
@@ -104,6 +106,7 @@ def export_hf_weights(
     from safetensors.torch import save_file
 
     local = {k: v.detach() for k, v in module.state_dict().items() if "_extra_state" not in k}
+    local = from_spec_names(local, place.transformer_engine)
     shards: list[dict[str, Tensor]] = [{} for _ in range(place.tp)]
     for name in sorted(local):
         parts = [torch.empty_like(local[name]) for _ in range(place.tp)]

@@ -5,9 +5,12 @@ grouped-query attention, with tied or untied embeddings and, for Qwen2, a QKV bi
 is read from the HF config once (`DecoderShape`); the megatron `TransformerConfig`, the layer
 specs and the weight converter (`parallel/megatron_convert.py`) all start from it.
 
-Layer specs are megatron-core's own local (non-Transformer-Engine) specs; a method's stage may
-swap the layer class of chosen (global) layer numbers, which is how a method's own layers are
-placed on whichever pipeline stage owns them.
+Layer specs are megatron-core's own: the local spec (unfused DotProductAttention: the only
+attention of the installed megatron-core's local spec; what CPU runs use) or, on CUDA with
+Transformer Engine importable, the TE spec (fused attention, norms fused into the following
+linear); `parallel.attention` chooses (`resolve_attention`). A method's stage may swap the
+layer class of chosen (global) layer numbers, which is how a method's own layers are placed on
+whichever pipeline stage owns them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,65 @@ import torch
 from parallel.arch import Arch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# The TE spec fuses each pre-norm into the linear after it: the same tensor, another name.
+TE_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def transformer_engine_available() -> bool:
+    """Whether megatron-core can build its Transformer Engine spec in this environment."""
+    try:
+        from megatron.core.extensions import transformer_engine  # noqa: F401
+        from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
+    except Exception:  # TE missing or broken: megatron-core raises several kinds
+        return False
+    return bool(HAVE_TE)
+
+
+def resolve_attention(requested: str, on_gpu: bool, te_available: bool) -> str:
+    """``parallel.attention`` -> the spec the engine builds: "local" or "transformer_engine".
+
+    auto: Transformer Engine on CUDA when importable, else local (CPU always local)."""
+    if requested == "local" or (requested == "auto" and not (on_gpu and te_available)):
+        return "local"
+    if requested == "auto" or (on_gpu and te_available):
+        return "transformer_engine"
+    why = "a CUDA device" if not on_gpu else "Transformer Engine (import transformer_engine)"
+    raise ValueError(
+        f"parallel.attention: transformer_engine needs {why}, which this process does not "
+        "have; use auto or local"
+    )
+
+
+def to_spec_names(state: Mapping[str, Any], transformer_engine: bool) -> dict[str, Any]:
+    """Local-spec parameter names (what the converter speaks) -> the built spec's names."""
+    if not transformer_engine:
+        return dict(state)
+    out = {}
+    for name, value in state.items():
+        for local, te in TE_NORM_NAMES.items():
+            if name.endswith("." + local):
+                name = name[: -len(local)] + te
+                break
+        out[name] = value
+    return out
+
+
+def from_spec_names(state: Mapping[str, Any], transformer_engine: bool) -> dict[str, Any]:
+    """The inverse of `to_spec_names`."""
+    if not transformer_engine:
+        return dict(state)
+    out = {}
+    for name, value in state.items():
+        for local, te in TE_NORM_NAMES.items():
+            if name.endswith("." + te):
+                name = name[: -len(te)] + local
+                break
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -202,24 +264,33 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
-def decoder_block_spec(config, pp_rank: int, layer_class_for: LayerClassFor | None = None):
-    """megatron-core's local block spec for this stage, with a method's layer classes swapped in
-    at the global layer numbers it asks for."""
+def decoder_block_spec(
+    config,
+    pp_rank: int,
+    layer_class_for: LayerClassFor | None = None,
+    transformer_engine: bool = False,
+):
+    """megatron-core's block spec for this stage (local, or TE), with a method's layer classes
+    swapped in at the global layer numbers it asks for."""
     from dataclasses import replace as dc_replace
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=pp_rank
+        config, use_transformer_engine=transformer_engine, normalization="RMSNorm", pp_rank=pp_rank
     )
     numbers = stage_layers(config, pp_rank)
     specs = []
     for number, layer_spec in zip(numbers, spec.layer_specs, strict=True):
-        norms = dc_replace(
-            layer_spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm
-        )
+        submodules = layer_spec.submodules
+        if not transformer_engine:  # TE's norms handle sequence parallelism themselves
+            submodules = dc_replace(
+                submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm
+            )
         cls = layer_class_for(number) if layer_class_for is not None else None
-        specs.append(dc_replace(layer_spec, module=cls or layer_spec.module, submodules=norms))
+        specs.append(dc_replace(layer_spec, module=cls or layer_spec.module, submodules=submodules))
+    if transformer_engine:
+        return dc_replace(spec, layer_specs=specs)
     return dc_replace(spec, layer_specs=specs, layer_norm=LocalRMSNorm)
 
 
@@ -231,6 +302,7 @@ def build_gpt_model(
     pp_rank: int,
     pp: int,
     layer_class_for: LayerClassFor | None = None,
+    transformer_engine: bool = False,
 ):
     """This stage's GPTModel chunk (embedding on the first stage, head on the last)."""
     from megatron.core.models.gpt import GPTModel
@@ -240,7 +312,9 @@ def build_gpt_model(
         kwargs.update(rope_scaling=True, rope_scaling_factor=shape.llama3_rope["factor"])
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, pp_rank, layer_class_for),
+        transformer_layer_spec=decoder_block_spec(
+            config, pp_rank, layer_class_for, transformer_engine
+        ),
         vocab_size=shape.padded_vocab(tp),
         max_sequence_length=shape.max_positions,
         pre_process=pp_rank == 0,

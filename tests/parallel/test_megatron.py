@@ -22,7 +22,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from methods.shifcon.infer import ShiftedLM
 from parallel.distributed import free_port
 from parallel.megatron_convert import hf_to_mcore, mcore_to_hf, pack_qkv, unpack_qkv
-from parallel.megatron_model import DecoderShape, layout_errors
+from parallel.megatron_model import (
+    DecoderShape,
+    from_spec_names,
+    layout_errors,
+    resolve_attention,
+    to_spec_names,
+    transformer_engine_available,
+)
 from tests.helpers.engine_generation import check_record
 from tests.helpers.runs import ROOT, clean_env, run_cli, tiny_recipe, write_recipe
 
@@ -175,6 +182,39 @@ def test_cpu_redirect_turns_cuda_requests_into_cpu_ones():
         assert moved.dtype == torch.float64 and x.cuda() is x
         assert x.type() == "torch.cuda.FloatTensor"  # what megatron's clipping asserts
     assert x.type() == "torch.FloatTensor"
+
+
+def test_attention_spec_choice():
+    """auto: TE's fused attention on CUDA where importable, else (and on CPU) the local spec;
+    transformer_engine where it cannot be built is refused with the reason."""
+    assert resolve_attention("auto", on_gpu=True, te_available=True) == "transformer_engine"
+    assert resolve_attention("auto", on_gpu=True, te_available=False) == "local"
+    assert resolve_attention("auto", on_gpu=False, te_available=True) == "local"
+    assert resolve_attention("local", on_gpu=True, te_available=True) == "local"
+    assert resolve_attention("transformer_engine", True, True) == "transformer_engine"
+    with pytest.raises(ValueError, match="transformer_engine needs a CUDA device"):
+        resolve_attention("transformer_engine", on_gpu=False, te_available=True)
+    with pytest.raises(ValueError, match=r"needs Transformer Engine \(import transformer_engine"):
+        resolve_attention("transformer_engine", on_gpu=True, te_available=False)
+    assert isinstance(transformer_engine_available(), bool)
+
+
+def test_te_spec_names_are_the_local_names_renamed():
+    local = {
+        "decoder.layers.0.input_layernorm.weight": 1,
+        "decoder.layers.0.pre_mlp_layernorm.weight": 2,
+        "decoder.layers.0.self_attention.linear_qkv.weight": 3,
+        "decoder.final_layernorm.weight": 4,
+    }
+    te = to_spec_names(local, transformer_engine=True)
+    assert te == {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": 1,
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": 2,
+        "decoder.layers.0.self_attention.linear_qkv.weight": 3,
+        "decoder.final_layernorm.weight": 4,
+    }
+    assert from_spec_names(te, transformer_engine=True) == local
+    assert to_spec_names(local, transformer_engine=False) == local
 
 
 def test_unsupported_architecture_is_refused():
