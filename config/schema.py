@@ -12,17 +12,57 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
     PositiveInt,
+    Strict,
     field_validator,
     model_validator,
 )
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML `true` is not a number: pydantic would read it as 1 (`training.steps: true`)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+_NUMBER = BeforeValidator(_no_bool)
+
+# Count-like fields: strict integers (no bools, no 2.0) with an upper bound, so that a typo
+# cannot start a million workers or a 2**70 seed reach torch. Floats: finite, no bools.
+Count = Annotated[int, Strict(), Field(ge=1, le=10**9)]
+NonNegativeCount = Annotated[int, Strict(), Field(ge=0, le=10**9)]
+Samples = Annotated[int, Strict(), Field(ge=1, le=10**7)]
+BatchSize = Annotated[int, Strict(), Field(ge=1, le=2**16)]
+GlobalBatchSize = Annotated[int, Strict(), Field(ge=1, le=2**24)]
+Tokens = Annotated[int, Strict(), Field(ge=1, le=2**20)]
+LayerNumber = Annotated[int, Strict(), Field(ge=1, le=4096)]
+Degree = Annotated[int, Strict(), Field(ge=1, le=1024)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]
+NonNegativeFloat = Annotated[float, _NUMBER, Field(ge=0.0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, _NUMBER, Field(gt=0.0, allow_inf_nan=False)]
+Real = Annotated[float, _NUMBER, Field(allow_inf_nan=False)]
+Beta = Annotated[float, _NUMBER, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+MAX_NAME_LENGTH = 128
+
+
+def check_chat_template(value: str) -> str:
+    """Parse a chat template as transformers compiles it, so a syntax error is a recipe error
+    (line named) and not a traceback in the middle of the data pipeline."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        env.parse(value)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"not a valid Jinja template: {exc.message} (line {exc.lineno})") from None
+    return value
 
 
 class Section(BaseModel):
@@ -54,6 +94,11 @@ class ModelSection(Section):
         None, description="Jinja chat template that replaces the tokenizer's own."
     )
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, value: str | None) -> str | None:
+        return None if value is None else check_chat_template(value)
+
 
 class DataSource(Section):
     path: str = Field(
@@ -73,9 +118,7 @@ class DataSource(Section):
         "source's field name.",
     )
     split: str = Field("train", description="datasets split to read (datasets sources only).")
-    limit: PositiveInt | None = Field(
-        None, description="Stop after this many valid rows of the source."
-    )
+    limit: Count | None = Field(None, description="Stop after this many valid rows of the source.")
 
     @field_validator("fields")
     @classmethod
@@ -97,13 +140,13 @@ class DataSection(Section):
         default_factory=list,
         description="Held-out sources; when empty, `eval_fraction` of the train ids is held out.",
     )
-    eval_fraction: float = Field(
+    eval_fraction: Real = Field(
         0.1,
         gt=0.0,
         lt=1.0,
         description="Without data.eval: fraction of item ids held out, in every language.",
     )
-    eval_samples_per_language: PositiveInt = Field(
+    eval_samples_per_language: Samples = Field(
         32, description="Held-out rows per language for the held-out loss."
     )
     languages: list[str] | None = Field(
@@ -113,7 +156,7 @@ class DataSection(Section):
         "en",
         description="The language the others are aligned to (ShifCon's English); must have rows.",
     )
-    max_length: PositiveInt = Field(
+    max_length: Tokens = Field(
         256,
         description="Tokens per example; longer ones are cut (a row with no response token left is dropped).",
     )
@@ -140,23 +183,21 @@ class PairSource(Section):
         description="train: parallel pairs from the training rows (same id, dominant vs other "
         "language); else a JSONL file/folder of {lang, en, target} rows (e.g. the shared data).",
     )
-    limit_per_language: PositiveInt | None = Field(
+    limit_per_language: Samples | None = Field(
         None, description="At most this many pairs per language (all when unset)."
     )
-    max_length: PositiveInt = Field(
-        128, description="Tokens per pair sentence; longer ones are cut."
-    )
+    max_length: Tokens = Field(128, description="Tokens per pair sentence; longer ones are cut.")
 
 
 class ShifConMethod(Section):
     """ShifCon: shift non-dominant languages into the dominant subspace for layers [f, b)."""
 
     name: Literal["shifcon"] = Field(description="ShifCon (shift + multilingual contrastive loss).")
-    band: tuple[PositiveInt, PositiveInt] | Literal["auto"] = Field(
+    band: tuple[LayerNumber, LayerNumber] | Literal["auto"] = Field(
         description="(f, b): shift toward after layer f, back after layer b; 1 <= f < b <= L-1. "
         "auto: chosen by the layer probe (methods/shifcon/probe.py) on the training data before training."
     )
-    probe_samples: PositiveInt = Field(
+    probe_samples: Samples = Field(
         32, description="band: auto: samples (and parallel pairs) per language for the probe."
     )
     probe_tolerance: NonNegativeFloat = Field(
@@ -166,7 +207,7 @@ class ShifConMethod(Section):
         "precompute",
         description="precompute: language vectors from one pass of the frozen model; running: they keep updating from the unshifted contrastive forwards.",
     )
-    vector_samples: PositiveInt = Field(64, description="Samples per language for the vectors.")
+    vector_samples: Samples = Field(64, description="Samples per language for the vectors.")
     alpha: NonNegativeFloat = Field(
         0.5, description="Weight of the LM loss: total = alpha * LM + beta * MCL."
     )
@@ -186,7 +227,9 @@ class ShifConMethod(Section):
         "prompt: only the prompt (positions without a label in training, the prefilled prompt "
         "in generation), for data whose answers are in the dominant language (x -> en).",
     )
-    mcl_batch_size: int = Field(8, ge=2, description="Parallel pairs per micro-batch (InfoNCE).")
+    mcl_batch_size: BatchSize = Field(
+        8, ge=2, description="Parallel pairs per micro-batch (InfoNCE)."
+    )
     pairs: PairSource = Field(
         default_factory=PairSource, description="Parallel pairs for the contrastive loss."
     )
@@ -205,9 +248,9 @@ class LensPrompts(Section):
         description="train: parallel prompts from the training rows (same id); else a JSONL "
         "file/folder of {lang, en, target} rows (e.g. the shared parallel data).",
     )
-    count: PositiveInt = Field(200, description="Parallel prompt items, split over languages.")
-    max_length: PositiveInt = Field(128, description="Tokens per prompt; longer ones are cut.")
-    batch_size: int = Field(8, ge=1, description="Parallel prompt items per micro-batch.")
+    count: Samples = Field(200, description="Parallel prompt items, split over languages.")
+    max_length: Tokens = Field(128, description="Tokens per prompt; longer ones are cut.")
+    batch_size: BatchSize = Field(8, description="Parallel prompt items per micro-batch.")
 
 
 class LensMethod(Section):
@@ -215,10 +258,10 @@ class LensMethod(Section):
     language-agnostic direction and apart in the language-specific subspace; English kept."""
 
     name: Literal["lens"] = Field(description="Lens (edit the top layers in language subspaces).")
-    top_k: PositiveInt = Field(2, description="Only the top k decoder layers train.")
+    top_k: LayerNumber = Field(2, description="Only the top k decoder layers train.")
     retain: NonNegativeFloat = Field(1.0, description="Weight of the English-retention MSE.")
     pull: NonNegativeFloat = Field(1.0, description="Weight of the agnostic-space pull MSE.")
-    push_scale: float = Field(1.0, description="w: target push along delta_X (specific space).")
+    push_scale: Real = Field(1.0, description="w: target push along delta_X (specific space).")
     lm_weight: NonNegativeFloat = Field(0.0, description="Optional LM loss on the batch.")
     languages: list[str] | None = Field(
         None, description="Target languages (default: every non-dominant run language)."
@@ -233,40 +276,34 @@ METHOD_NAMES = ("sft", "shifcon", "lens")
 
 
 class TrainingSection(Section):
-    steps: PositiveInt = Field(100, description="Optimizer steps.")
-    global_batch_size: PositiveInt = Field(
+    steps: Count = Field(100, description="Optimizer steps.")
+    global_batch_size: GlobalBatchSize = Field(
         8,
         description="Examples per optimizer step over all data-parallel ranks (micro_batch_size x DP x accumulation).",
     )
-    micro_batch_size: PositiveInt = Field(
-        1, description="Examples per forward/backward on one rank."
-    )
+    micro_batch_size: BatchSize = Field(1, description="Examples per forward/backward on one rank.")
     lr: PositiveFloat = Field(2e-5, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(
+    min_lr_ratio: Real = Field(
         0.1,
         ge=0.0,
         le=1.0,
         description="Final learning rate as a fraction of lr (cosine and linear).",
     )
-    warmup_steps: NonNegativeInt = Field(0, description="Linear warm-up steps from 0 to lr.")
+    warmup_steps: NonNegativeCount = Field(0, description="Linear warm-up steps from 0 to lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate decay after warm-up."
     )
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field(
+    betas: tuple[Beta, Beta] = Field(
         (0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1)."
     )
     grad_clip: NonNegativeFloat = Field(
         1.0, description="Clip the global gradient norm to this (0: no clipping)."
     )
-    eval_every: NonNegativeInt = Field(0, description="0: evaluate only before and after.")
-    eval_batch_size: PositiveInt = Field(
-        8, description="Examples per forward of the held-out loss."
-    )
-    log_every: PositiveInt = Field(
-        1, description="Log training metrics every N steps (and at the last)."
-    )
-    seed: int = Field(0, description="Seed of data order, initialisation and dropout.")
+    eval_every: NonNegativeCount = Field(0, description="0: evaluate only before and after.")
+    eval_batch_size: BatchSize = Field(8, description="Examples per forward of the held-out loss.")
+    log_every: Count = Field(1, description="Log training metrics every N steps (and at the last).")
+    seed: Seed = Field(0, description="Seed of data order, initialisation and dropout.")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:
@@ -283,12 +320,12 @@ class ParallelSection(Section):
         description="deepspeed: ZeRO data parallelism; megatron: megatron-core tensor/pipeline "
         "parallelism (data, method and tracking sections are the same).",
     )
-    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="deepspeed only.")
+    zero_stage: Annotated[Literal[0, 1, 2, 3], _NUMBER] = Field(3, description="deepspeed only.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU."
     )
-    tensor_parallel: PositiveInt = Field(1, description="megatron: TP size (within a node).")
-    pipeline_parallel: PositiveInt = Field(1, description="megatron: pipeline stages.")
+    tensor_parallel: Degree = Field(1, description="megatron: TP size (within a node).")
+    pipeline_parallel: Degree = Field(1, description="megatron: pipeline stages.")
     sequence_parallel: bool = Field(
         False, description="megatron, TP > 1: shard norms/activations along the sequence."
     )
@@ -312,17 +349,23 @@ class ParallelSection(Section):
 
 
 class ClusterSection(Section):
-    nodes: PositiveInt = Field(1, description="Machines; a local run is one node.")
-    workers_per_node: PositiveInt = Field(
+    nodes: Annotated[int, Strict(), Field(ge=1, le=100_000)] = Field(
+        1, description="Machines; a local run is one node."
+    )
+    workers_per_node: Degree = Field(
         1,
         description="Processes per node (one per GPU); >1 without a launcher starts them locally.",
     )
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto: GPU when CUDA is available, else CPU."
     )
-    cpus_per_worker: PositiveFloat = Field(1.0, description="Ray: CPUs reserved per worker.")
-    gpus_per_worker: NonNegativeFloat = Field(1.0, description="Ray: GPUs reserved per worker.")
-    max_failures: NonNegativeInt = Field(
+    cpus_per_worker: PositiveFloat = Field(
+        1.0, le=4096, description="Ray: CPUs reserved per worker."
+    )
+    gpus_per_worker: NonNegativeFloat = Field(
+        1.0, le=64, description="Ray: GPUs reserved per worker."
+    )
+    max_failures: NonNegativeCount = Field(
         0,
         description="Restarts of the worker group after a failure (each resumes from the newest checkpoint).",
     )
@@ -361,10 +404,8 @@ class TrackingSection(Section):
 
 
 class CheckpointSection(Section):
-    every: NonNegativeInt = Field(0, description="0: only at the end of training.")
-    keep_last: PositiveInt = Field(
-        2, description="Complete checkpoints kept; older ones are deleted."
-    )
+    every: NonNegativeCount = Field(0, description="0: only at the end of training.")
+    keep_last: Count = Field(2, description="Complete checkpoints kept; older ones are deleted.")
     resume: bool = Field(True, description="Resume from the newest checkpoint of the run dir.")
     export: bool = Field(
         True, description="Write <run dir>/export (a Hugging Face directory) after training."
@@ -397,10 +438,10 @@ class EvalSection(Section):
         description="Per task, a path pattern with {lang} replacing the data_dir layout, e.g. "
         "mgsm: ../shared/data/mgsm/{lang}.jsonl.",
     )
-    limit: PositiveInt | None = Field(None, description="First N rows per language and task.")
-    batch_size: PositiveInt = Field(8, description="Rows per forward.")
-    max_new_tokens: PositiveInt = Field(256, description="mgsm: greedy tokens per answer.")
-    max_length: PositiveInt | None = Field(
+    limit: Count | None = Field(None, description="First N rows per language and task.")
+    batch_size: BatchSize = Field(8, description="Rows per forward.")
+    max_new_tokens: Tokens = Field(256, description="mgsm: greedy tokens per answer.")
+    max_length: Tokens | None = Field(
         None, description="Longest scored sequence (cut on the left); default: the model's."
     )
     mgsm_template: str = Field("{question}", description="mgsm prompt; must hold {question}.")
@@ -481,8 +522,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Recipe(Section):
-    name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
-    output_dir: str = Field("runs", description="Folder that holds the run directories.")
+    name: str = Field(
+        description="Run name; the run directory is <output_dir>/<name>.",
+        max_length=MAX_NAME_LENGTH,
+    )
+    output_dir: str = Field(
+        "runs", min_length=1, description="Folder that holds the run directories."
+    )
     model: ModelSection = Field(
         default_factory=ModelSection, description="The backbone and how it is loaded."
     )
