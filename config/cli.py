@@ -69,3 +69,19 @@ def run_cli(main: F) -> F:
             return report(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def bounded_int(low: int = 1, high: int = 10**9) -> Callable[[str], int]:
+    """An argparse ``type`` for a count: an integer in [low, high], else a usage error."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config.cli import bounded_int, run_cli
+
 MODES: tuple[str, ...] = ("en2x", "x2en", "x2x", "translate")
 COLUMNS: tuple[str, ...] = ("id", "lang", "instruction", "response", "mode", "src_lang", "tgt_lang")
 DEFAULT_TAG = "[Answer in {language}]"
@@ -341,6 +343,7 @@ def _names(text: str | None) -> dict[str, str]:
     return out
 
 
+@run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     """prepare-data: build the mixture, write it, print counts per mode and language pair."""
     parser = argparse.ArgumentParser(
@@ -351,16 +354,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="JSONL file/dir, builtin:polyglot?items=N, or a datasets source",
     )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--size", type=int, required=True, help="total rows")
-    parser.add_argument("--proportions", default="en2x=0.3,x2en=0.2,x2x=0.3,translate=0.2")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pivot", default="en")
     parser.add_argument(
-        "--languages", default=None, help="comma-separated (default: all in the data)"
+        "--out",
+        required=True,
+        help="output directory (crossin.jsonl, a saved dataset, summary.json)",
     )
-    parser.add_argument("--tag-template", default=DEFAULT_TAG)
-    parser.add_argument("--translate-fields", default=",".join(TRANSLATE_FIELDS))
+    parser.add_argument(
+        "--size", type=bounded_int(1, 10**8), required=True, help="total rows of the mixture"
+    )
+    parser.add_argument(
+        "--proportions",
+        default="en2x=0.3,x2en=0.2,x2x=0.3,translate=0.2",
+        help=f"MODE=FRACTION,... over the modes {', '.join(MODES)}; they sum to 1 "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=bounded_int(0, 2**32 - 1), default=0, help="seed of the sampling (default 0)"
+    )
+    parser.add_argument(
+        "--pivot", default="en", help="the pivot language of en2x/x2en (default en)"
+    )
+    parser.add_argument(
+        "--languages",
+        default=None,
+        help="comma-separated languages to keep (default: all in the data)",
+    )
+    parser.add_argument(
+        "--tag-template",
+        default=DEFAULT_TAG,
+        help="instruction prefix naming the answer language, {language} "
+        "replaced by its name (default %(default)r)",
+    )
+    parser.add_argument("--translate-fields", default=",".join(TRANSLATE_FIELDS),
+                        help="row fields the translate mode pairs (default %(default)s)")  # fmt: skip
     parser.add_argument(
         "--language-names", default=None, help="code=Name,... for codes without a built-in name"
     )

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config.schema import EvalSection
+from config.cli import bounded_int, run_cli
+from config.errors import UserError
+from config.schema import EvalSection, ModelSection
 from eval.benchmarks import BenchmarkError
 from eval.suite import TASKS, check_data, evaluate, publish, shifcon_hooks
 from model.layers import rank_world
@@ -34,6 +36,13 @@ _FLAGS: dict[str, str] = {
 
 _LISTS = ("tasks", "languages")
 
+# Where the CLI differs from the recipe's eval section (there the run's languages are the default).
+_FLAG_HELP = {
+    "--languages": "comma-separated benchmark languages, e.g. sw,zh (required with --harness "
+    "native; no default: the CLI has no run whose languages it could take)",
+    "--tasks": "comma-separated tasks (xcopa, mgsm, bitext, ppl); default: all four",
+}
+
 
 def _help(name: str) -> str:
     info = EvalSection.model_fields[name]
@@ -48,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="export dir, HF dir, .gguf or embedded:NAME")
     for flag, name in _FLAGS.items():
-        p.add_argument(flag, dest=name, default=None, help=_help(name))
+        p.add_argument(flag, dest=name, default=None, help=_FLAG_HELP.get(flag) or _help(name),
+                       type=bounded_int(1, 2**30) if name in _INTS else None)  # fmt: skip
     p.add_argument("--file", dest="files", action="append", default=[], metavar="TASK=PATTERN",
                    help=_help("files"))  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
@@ -78,6 +88,10 @@ def _codes(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
+# Counts are ints from argparse: the schema's counts are strict (a YAML bool must not pass as 1).
+_INTS = ("limit", "batch_size", "max_new_tokens", "max_length")
+
+
 def options_from_args(args: argparse.Namespace) -> EvalSection:
     """The CLI's flags as the recipe's ``eval:`` section (validated by the same schema)."""
     given: dict[str, Any] = {}
@@ -89,7 +103,7 @@ def options_from_args(args: argparse.Namespace) -> EvalSection:
     for item in args.files:
         task, sep, pattern = item.partition("=")
         if not sep:
-            raise ValueError(f"--file {item!r}: expected TASK=PATTERN")
+            raise UserError(f"--file {item!r}: expected TASK=PATTERN")
         files[task.strip()] = pattern
     if files:
         given["files"] = files
@@ -97,14 +111,19 @@ def options_from_args(args: argparse.Namespace) -> EvalSection:
     given["shift"] = not args.no_shift
     given.setdefault("tasks", list(TASKS))  # the CLI runs every task unless told otherwise
     if not given["tasks"]:
-        raise ValueError("tasks: none given; choose from " + ", ".join(TASKS))
+        raise UserError("--tasks: none given; choose from " + ", ".join(TASKS))
     return EvalSection(**given)
 
 
+@run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from launcher.preflight import check_backbone
+
     if args.harness == "lm-eval":
         from launcher.lm_eval_cli import run_lm_eval
+
+        check_backbone(ModelSection(backbone=args.model), "--model")
 
         return run_lm_eval(args, _tracker)
     if args.languages is None:
@@ -116,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError and BenchmarkError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    check_backbone(ModelSection(backbone=args.model), "--model")  # before any model load
 
     import torch
 

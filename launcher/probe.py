@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from config.cli import bounded_int, run_cli
+from config.errors import UserError
 from methods.shifcon.probe import ProbeInputs, build_inputs, log_probe, run_probe
 
 
@@ -15,13 +17,17 @@ def write_band_into(recipe_path: Path, band: tuple[int, int]) -> None:
     """Set ``method.band`` in a recipe YAML (a YAML round trip: comments are not kept)."""
     import yaml
 
+    from config.recipe import load_yaml_file
+
     path = Path(recipe_path)
-    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    tree = load_yaml_file(path, "recipe") or {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections")
     method = tree.get("method")
     if isinstance(method, str):
         method = {"name": method}
     if not isinstance(method, dict) or method.get("name") != "shifcon":
-        raise ValueError(f"{path}: method is not shifcon; nothing to write the band into")
+        raise UserError(f"{path}: method is not shifcon; nothing to write the band into")
     method["band"] = [int(band[0]), int(band[1])]
     tree["method"] = method
     path.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -62,10 +68,11 @@ def _cli_inputs(args, tokenizer, languages: list[str]) -> ProbeInputs:
                 samples.append((languages[0], en, en_span))
             samples.append((lang, target, target_span))
     if not samples:
-        raise SystemExit("error: give --data or --pairs (no probe samples)")
+        raise UserError("give --data or --pairs (no probe samples)")
     return build_inputs(languages, samples, pair_ids, args.samples)
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.probe", description=__doc__)
     parser.add_argument("--model", help="backbone (as model.backbone) or an export directory")
@@ -73,11 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="instruction rows (lang, instruction, response)")
     parser.add_argument("--pairs", help="parallel {lang, en, target} rows (JSONL file/folder)")
     parser.add_argument("--languages", required=True, help="comma list, dominant first")
-    parser.add_argument("--samples", type=int, default=64, help="samples (and pairs) per language")
+    parser.add_argument(
+        "--samples",
+        type=bounded_int(1, 10**7),
+        default=64,
+        help="samples (and pairs) per language (default 64)",
+    )
     parser.add_argument("--out", required=True, help="directory for probe.json and probe.png")
-    parser.add_argument("--tolerance", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="relative tolerance over the minimum mean distance (default 0.1)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=bounded_int(1, 2**16),
+        default=8,
+        help="samples per forward (default 8)",
+    )
+    parser.add_argument("--max-length", type=bounded_int(1, 2**20), default=128,
+                        help="tokens per sample; longer ones are cut (default 128)")  # fmt: skip
     parser.add_argument("--tracking-uri", help="MLflow store/server (default: the recipe's)")
     parser.add_argument("--write-band-into", help="recipe YAML whose method.band is set")
     args = parser.parse_args(argv)
@@ -102,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(languages) < 2:
         parser.error("--languages needs the dominant language and at least one other")
 
+    from launcher.preflight import check_backbone
+
+    check_backbone(model_section, "--model" if args.model else "model.backbone")
+    if not 0 <= args.tolerance < float("inf"):
+        raise UserError(f"--tolerance: a finite number >= 0, got {args.tolerance}")
     ctx = init_distributed(resolve_device("auto"))
     backbone = resolve_backbone(model_section)
     tokenizer = load_tokenizer(backbone, model_section)

@@ -13,19 +13,23 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from config.cli import bounded_int, run_cli
 from config.errors import UserError
+from config.schema import ModelSection
 from methods.shifcon.detect import DETECTORS
 from methods.shifcon.infer import ShiftedLM, detection_accuracies
 
 
+@run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.shifcon_infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="answer prompts with the shift on")
-    gen.add_argument("export")
-    gen.add_argument("--prompt", action="append", required=True)
+    gen.add_argument("export", help="the export directory of a ShifCon run (holds shifcon.json)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     gen.add_argument("--lang", default="auto", help="language code, 'auto', or 'none' (no shift)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=bounded_int(1, 2**20), default=64,
+                     help="greedy tokens per answer (default 64)")  # fmt: skip
     det = sub.add_parser(
         "detect-eval", help="language-detection accuracy per language, every detector"
     )
@@ -37,20 +41,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="shared data folder: its MGSM questions and held-out parallel questions "
         "(default with neither --data nor --data-dir: $POLYSHIFT_SHARED_DATA, else ../shared/data)",
     )
-    det.add_argument("--detectors", default=",".join(DETECTORS))
-    det.add_argument("--limit-per-language", type=int, default=50)
+    det.add_argument(
+        "--detectors",
+        default=",".join(DETECTORS),
+        help=f"comma-separated detectors (default: all of {', '.join(DETECTORS)})",
+    )
+    det.add_argument("--limit-per-language", type=bounded_int(1, 10**7), default=50,
+                     help="prompts per language and source (default 50)")  # fmt: skip
     args = parser.parse_args(argv)
 
     export = getattr(args, "model", None) or args.export
-    if not export or not (Path(export) / "shifcon.json").is_file():
-        print(f"error: {export!r} is not a ShifCon export (no shifcon.json)", file=sys.stderr)
-        return 2
+    if not export:
+        raise UserError("give the export directory (EXPORT or --model)")
+    from launcher.preflight import check_backbone
+
+    check_backbone(ModelSection(backbone=str(export)), "export")  # config, weights, tokenizer
+    if not (Path(export) / "shifcon.json").is_file():
+        raise UserError(
+            f"export: {export} is not a ShifCon export (no shifcon.json; a plain export runs "
+            "with python -m launcher.evaluate)"
+        )
     if args.command == "detect-eval":
-        try:
-            return detect_eval(args, export)
-        except (UserError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        return detect_eval(args, export)
     lm = ShiftedLM.from_export(export)
     if args.command == "generate":
         langs = None if args.lang == "none" else args.lang

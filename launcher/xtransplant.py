@@ -26,6 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from config.cli import bounded_int, run_cli
+from config.errors import UserError
 from eval.report import pyplot, save_figure
 from launcher.xtransplant_config import XTransplantConfig, build_instances
 from launcher.xtransplant_search import LanguageResult, search
@@ -70,29 +72,93 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launcher.xtransplant", description=__doc__.split("\n")[0]
     )
+    d = XTransplantConfig()  # the defaults named in the help texts
     p.add_argument("--config", help="YAML with XTransplantConfig keys (flags override it)")
-    p.add_argument("--model")
-    p.add_argument("--task", choices=("xcopa", "mgsm"))
-    p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--languages", help="comma-separated target languages")
-    p.add_argument("--pivot")
-    p.add_argument("--direction", choices=("en2x", "x2en"))
-    p.add_argument("--site", choices=SITES)
-    p.add_argument("--dev", type=int)
-    p.add_argument("--test", type=int)
-    p.add_argument("--source-layers", dest="source_layers", help='"all", "0-29:3", "4,8,12"')
-    p.add_argument("--target-layers", dest="target_layers")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--ray", action="store_const", const=True, default=None)
-    p.add_argument("--ray-address", dest="ray_address")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--model", help="HF directory, export, .gguf or embedded:NAME to search on")
     p.add_argument(
-        "--no-upper-bound", dest="upper_bound", action="store_const", const=False, default=None
+        "--task",
+        choices=("xcopa", "mgsm"),
+        help=f"benchmark whose items are scored (default {d.task})",
     )
-    p.add_argument("--out")
-    p.add_argument("--tracking-uri", dest="tracking_uri")
-    p.add_argument("--track", action="store_const", const=True, default=None)
-    return p
+    p.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        help="shared data folder (default: $POLYSHIFT_SHARED_DATA, else ../shared/data)",
+    )
+    p.add_argument(
+        "--languages", help=f"comma-separated target languages (default {','.join(d.languages)})"
+    )
+    p.add_argument("--pivot", help=f"the pivot language of the pairs (default {d.pivot})")
+    p.add_argument(
+        "--direction",
+        choices=("en2x", "x2en"),
+        help="en2x: aux prompt in the pivot, main in the target; x2en: the reverse "
+        f"(default {d.direction})",
+    )
+    p.add_argument(
+        "--site",
+        choices=SITES,
+        help=f"whose output is transplanted: the layer's {' or '.join(SITES)} (default {d.site})",
+    )
+    p.add_argument(
+        "--dev",
+        type=bounded_int(1, 10**6),
+        help=f"items per language that choose the pair (default {d.dev})",
+    )
+    p.add_argument(
+        "--test",
+        type=bounded_int(0, 10**6),
+        help=f"held-out items per language scored with the chosen pair (default {d.test})",
+    )
+    p.add_argument(
+        "--source-layers",
+        dest="source_layers",
+        help='layers i of the aux prompt: "all" (default), "0-29:3", "4,8,12"',
+    )
+    p.add_argument(
+        "--target-layers",
+        dest="target_layers",
+        help="layers j of the main prompt, as --source-layers (default all)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=bounded_int(1, 2**20),
+        help=f"mgsm: greedy tokens per answer (default {d.max_new_tokens})",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_const",
+        const=True,
+        default=None,
+        help="score on Ray actors (default: in this process)",
+    )
+    p.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        help="Ray cluster to join (default: a local Ray instance)",
+    )
+    p.add_argument(
+        "--workers", type=bounded_int(1, 1024), help=f"--ray: model actors (default {d.workers})"
+    )
+    p.add_argument(
+        "--no-upper-bound",
+        dest="upper_bound",
+        action="store_const",
+        const=False,
+        default=None,
+        help="skip the test-set oracle (best pair per item)",
+    )
+    p.add_argument("--out", help=f"folder for xtransplant.json and heatmaps (default {d.out})")
+    p.add_argument("--tracking-uri", dest="tracking_uri", help="log to this MLflow store/server")
+    p.add_argument(
+        "--track",
+        action="store_const",
+        const=True,
+        default=None,
+        help="log to MLflow (default store ./mlflow.db)",
+    )
+    return p  # fmt: skip
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> XTransplantConfig:
@@ -100,23 +166,30 @@ def config_from_args(argv: Sequence[str] | None = None) -> XTransplantConfig:
     values: dict[str, Any] = {}
     config_path = args.pop("config")
     if config_path:
-        import yaml
+        from config.recipe import load_yaml_file
 
-        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
+        loaded = load_yaml_file(config_path, "config") or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{config_path}: expected a mapping of XTransplantConfig keys")
+            raise UserError(f"{config_path}: expected a mapping of XTransplantConfig keys")
         values.update(loaded)
     values.update({k: v for k, v in args.items() if v is not None})
     return XTransplantConfig.from_mapping(values, source=config_path or "arguments")
 
 
+@run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(argv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from config.schema import ModelSection
     from eval.benchmarks import BenchmarkError
+    from launcher.preflight import check_backbone
+
+    if not config.model:
+        raise UserError("model: give --model (or model: in --config)")
+    check_backbone(ModelSection(backbone=config.model), "model")  # before the search loads it
 
     try:
         instances = {lang: build_instances(config, lang) for lang in config.languages}

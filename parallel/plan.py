@@ -55,6 +55,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from config.cli import run_cli
 from config.errors import UserError
 from parallel.arch import KNOWN_ARCHS, Arch, arch_from_config, resolve_arch
 
@@ -373,6 +374,7 @@ def render(recipe, arch: Arch, layout: Layout, work: Workload, zero: ZeroBuffers
     return "\n".join(lines)
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m parallel.plan", description=__doc__.split("\n")[0]
@@ -392,11 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
     args = parser.parse_args(argv)
-    try:
-        print(plan_text(args))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(plan_text(args))  # a UserError (bad recipe, layout, arch) is run_cli's to report
     return 0
 
 

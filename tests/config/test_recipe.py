@@ -33,7 +33,10 @@ def test_defaults_are_complete():
     [
         ({"name": "x", "trainig": {}}, "trainig: unknown key"),
         ({"name": "x", "training": {"stepz": 3}}, "training.stepz: unknown key"),
-        ({"name": "x", "training": {"steps": 0}}, "training.steps: Input should be greater than or equal to 1"),
+        (
+            {"name": "x", "training": {"steps": 0}},
+            "training.steps: Input should be greater than or equal to 1",
+        ),
         ({"name": "x", "training": {"lr": "fast"}}, "training.lr: Input should be a valid number"),
         ({"name": "x", "parallel": {"zero_stage": 4}}, "parallel.zero_stage"),
         ({"name": "x", "method": {"name": "magic"}}, "method"),
