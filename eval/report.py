@@ -165,8 +165,12 @@ def log_results(
     if tracker is None:
         return charts
     tracker.log_metrics(flat_metrics(results, prefix), step=step)
-    for layer, row in layer_metrics(results, prefix).items():
-        tracker.log_metrics(row, step=layer)
+    by_layer = layer_metrics(results, prefix)
+    if hasattr(tracker, "log_layer_metrics"):  # launcher.tracking.Tracker: held past log_model
+        tracker.log_layer_metrics(by_layer)
+    else:
+        for layer, row in by_layer.items():
+            tracker.log_metrics(row, step=layer)
     tracker.log_text(markdown_table(results), f"{prefix}/results.md")
     tracker.log_dict(json.loads(json.dumps(results_dict(results))), f"{prefix}/results.json")
     for chart in charts:

@@ -450,8 +450,7 @@ def train(session: Session, tracker: Tracker) -> dict[str, Any]:
             _save(engine, store, state, ctx, tracker)
             last_saved = state.step
     bar.close()
-    for layer, row in layer_curves(state.method_metrics).items():
-        tracker.log_metrics(row, layer)
+    tracker.log_layer_metrics(layer_curves(state.method_metrics))
     if last_saved != state.step:
         _save(engine, store, state, ctx, tracker)
 

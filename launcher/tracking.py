@@ -326,6 +326,7 @@ class Tracker:
         self._client: Any = None
         self._params: dict[str, str] = {}
         self._owned_env: set[str] = set()
+        self._layer_rows: list[tuple[dict[str, float], int]] = []
         self._defer_models = defer_models
         self._pending: list[Callable[[], Any]] = []  # model uploads waiting for end()
 
@@ -476,6 +477,7 @@ class Tracker:
                 upload()
         if not self._started or self._run_id is None:
             return
+        self._flush_layer_metrics()
         was_active, self._active = self._active, False
         status = status if status in _RUN_STATUSES else "FAILED"
         try:
@@ -518,6 +520,20 @@ class Tracker:
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             chunk = items[i : i + MAX_METRICS_PER_BATCH]
             self._guard("logging metrics", self._client.log_batch, self._run_id, metrics=chunk)
+
+    def log_layer_metrics(self, by_layer: Mapping[int, Mapping[str, float]]) -> None:
+        """Curves over depth: each row is logged with its layer as the step (MLflow's x axis).
+
+        Held until the run's model is logged, or the run ends: MLflow links every metric of the
+        model's step to its LoggedModel, and layer 30 of a curve is not step 30 of training.
+        """
+        if self._active:
+            self._layer_rows += [(dict(row), int(layer)) for layer, row in by_layer.items()]
+
+    def _flush_layer_metrics(self) -> None:
+        rows, self._layer_rows = self._layer_rows, []
+        for row, layer in rows:
+            self.log_metrics(row, layer)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Batch, truncate, and never re-log: MLflow params are immutable once set.
@@ -649,15 +665,20 @@ class Tracker:
         if not (path / "config.json").is_file():
             _warn(f"{path} has no config.json; model not logged")
             return None
-        with self._long_requests():
-            try:
-                return self._log_transformers(path, task, name, step)
-            except Exception as exc:
-                _warn(
-                    f"transformers flavor failed ({_one_line(exc, 200)}); "
-                    "logging the checkpoint files instead"
+        try:
+            with self._long_requests():
+                try:
+                    return self._log_transformers(path, task, name, step)
+                except Exception as exc:
+                    _warn(
+                        f"transformers flavor failed ({_one_line(exc, 200)}); "
+                        "logging the checkpoint files instead"
+                    )
+                return self._guard(
+                    "logging the model", self._log_checkpoint_files, path, name, step
                 )
-            return self._guard("logging the model", self._log_checkpoint_files, path, name, step)
+        finally:
+            self._flush_layer_metrics()
 
     def log_pyfunc_model(
         self,
@@ -690,17 +711,20 @@ class Tracker:
             )
             return None
         path = Path(export_dir).resolve()
-        with self._long_requests():
-            return self._guard(
-                "logging the model",
-                self._log_pyfunc,
-                path,
-                str(Path(python_model).resolve()),
-                code_paths,
-                signature,
-                step,
-                name,
-            )
+        try:
+            with self._long_requests():
+                return self._guard(
+                    "logging the model",
+                    self._log_pyfunc,
+                    path,
+                    str(Path(python_model).resolve()),
+                    code_paths,
+                    signature,
+                    step,
+                    name,
+                )
+        finally:
+            self._flush_layer_metrics()
 
     def _log_pyfunc(
         self,

@@ -81,6 +81,7 @@ def test_logged_model_links_the_final_metrics(served):
     keys = {m.key for m in model.metrics}
     assert {"train/loss", "eval/loss_mean", "eval/loss/sw"} <= keys
     assert {m.step for m in model.metrics} == {STEPS}
+    assert not [k for k in keys if "_by_layer" in k]  # layer 2 of a curve is not step 2
     # The run's final held-out loss, not the one before training.
     history = client.get_metric_history(run.info.run_id, "eval/loss_mean")
     linked = next(m for m in model.metrics if m.key == "eval/loss_mean")

@@ -165,7 +165,10 @@ def test_local_store_keeps_one_copy_of_the_export(
     weights = export / "model.safetensors"
     digest, size = _sha256(weights), weights.stat().st_size
     with _tracker(None, tmp_path, registered_model_name=f"one-copy-{flavor}") as tracker:
-        tracker.start()
+        run_id = tracker.start()
+        tracker.log_metrics({"eval/loss_mean": 1.5}, 3)
+        tracker.log_layer_metrics({2: {"eval/bitext_by_layer/sw_x2en": 0.25},
+                                   3: {"eval/bitext_by_layer/sw_x2en": 0.5}})  # fmt: skip
         if flavor == "transformers":
             uri = tracker.log_hf_model(export, step=3)
         else:
@@ -174,6 +177,12 @@ def test_local_store_keeps_one_copy_of_the_export(
                 signature=shifcon_signature(), step=3,
             )  # fmt: skip
     assert uri == f"models:/one-copy-{flavor}/1"
+    # The model carries step 3's metrics, not layer 3 of a curve (logged after the model).
+    client = MlflowClient(tracker.tracking_uri)
+    (output,) = client.get_run(run_id).outputs.model_outputs
+    assert {m.key for m in client.get_logged_model(output.model_id).metrics} == {"eval/loss_mean"}
+    curve = client.get_metric_history(run_id, "eval/bitext_by_layer/sw_x2en")
+    assert sorted((m.step, m.value) for m in curve) == [(2, 0.25), (3, 0.5)]
     assert weights.stat().st_nlink == 2  # the export and MLflow's model share the bytes
     assert _stored_bytes(tmp_path, "*.safetensors") == size
     # Every export file (config, tokenizer too) is shared; only MLflow's own files are new.
