@@ -213,7 +213,7 @@ class ShifConMethod(Section):
     )
     beta: NonNegativeFloat = Field(2.0, description="Weight of the contrastive (MCL) loss.")
     tau: PositiveFloat = Field(
-        0.05, description="InfoNCE temperature (chosen by measurement: README, ShifCon)."
+        0.05, description="InfoNCE temperature (chosen by measurement: docs/shifcon.md)."
     )
     pooling: Literal["content", "all"] = Field(
         "content",
