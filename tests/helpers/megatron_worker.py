@@ -9,7 +9,8 @@ SPEC is a list of jobs, run in order in the same processes (2 or 4), each a fres
 through `run_training`, the function every launcher's workers run; logits are taken from a
 session re-opened on the run directory (so they come from the distributed checkpoint).
 ``steps``: only the engine's optimizer steps on the launcher's batches (no evaluation, no
-checkpoint), recording each step's loss, metrics and gradient norm in ``steps.json`` and the
+checkpoint), recording each step's loss, metrics, gradient norm and the vocabulary width of
+the logits the training loss was handed in ``steps.json`` and the
 weights after the last step in ``export/``: what layout parity tests compare, at a fraction of
 a full run's cost.
 ``exit_like_launcher``: after training, leave as `launcher/worker.py` does (no collective after
@@ -62,12 +63,19 @@ def run_steps(recipe, run_dir: Path) -> None:
         recipe.data.batching == "bucket",
         session.state.position,
     )
+    engine, widths = session.engine, []
+    real_loss = engine._train_loss
+
+    def train_loss(feed, logits):  # what the training loss is handed, per micro-batch
+        widths.append(logits.shape[-1])
+        return real_loss(feed, logits)
+
+    engine._train_loss = train_loss
     steps = []
     for step in range(t.steps):
-        result = session.engine.train_step(
-            micro_batches(session, stream.next()), lr_at(step, recipe)
-        )
+        result = engine.train_step(micro_batches(session, stream.next()), lr_at(step, recipe))
         steps.append({"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics})
+        steps[-1]["loss_logits_width"] = max(widths)
     session.engine.export(run_dir / "export")
     if dist.get_rank() == 0:
         (run_dir / "steps.json").write_text(json.dumps(steps))

@@ -112,6 +112,19 @@ def test_distributed_optimizer_changes_nothing(layout_runs, method):
 
 
 @pytest.mark.slow
+def test_training_loss_never_gathers_the_vocabulary(layout_runs, tiny_model_dir):
+    """Vocab-parallel cross-entropy: each TP rank's loss sees its own V/TP logits."""
+    from transformers import AutoConfig
+
+    from parallel.megatron_model import DecoderShape
+
+    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(tiny_model_dir))
+    for job in ("shifcon_plain", "shifcon_sp_distopt", "sft_sp"):
+        widths = {s["loss_logits_width"] for s in _steps(layout_runs, job)}
+        assert widths == {shape.padded_vocab(2) // 2}, job
+
+
+@pytest.mark.slow
 def test_sequence_parallel_with_distributed_optimizer(layout_runs):
     """The 70B recipe's combination, TP=2 x DP=2."""
     _assert_same_run(layout_runs, "shifcon_sp_distopt", "shifcon_plain", RTOL)
