@@ -128,13 +128,17 @@ def read_text_file(path: Path, what: str = "file") -> str:
     ):
         if data.startswith(bom):
             raise RecipeError(f"{path}: the {what} is {name} text; save it as UTF-8")
+    if b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: the {what} holds NUL bytes; it looks like UTF-16, save it as UTF-8"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        hint = "; it looks like UTF-16, save it as UTF-8" if b"\x00" in data[:64] else ""
         raise RecipeError(
-            f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x}){hint}"
+            f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x})"
         ) from None
 
 
@@ -144,7 +148,10 @@ def load_yaml_file(path: str | os.PathLike, what: str = "recipe") -> Any:
     if not path.is_file():
         raise RecipeError(f"{path}: {what} file not found")
     text = read_text_file(path, what)
-    loader = _UniqueKeyLoader(text)
+    try:
+        loader = _UniqueKeyLoader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters
+        raise RecipeError(f"{path}: invalid YAML: {exc}") from None
     loader.name = str(path)
     try:
         return loader.get_single_data()
