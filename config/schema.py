@@ -221,11 +221,12 @@ class ShifConMethod(Section):
         "instruction's own tokens (no attention sink, no chat template), MCL centred on the "
         "language vectors; all: the original every-token mean (ablation only).",
     )
-    shift_positions: Literal["all", "prompt"] = Field(
+    shift_positions: Literal["all", "prompt", "none"] = Field(
         "all",
         description="all: every position of a non-dominant sample is shifted (the paper); "
         "prompt: only the prompt (positions without a label in training, the prefilled prompt "
-        "in generation), for data whose answers are in the dominant language (x -> en).",
+        "in generation), for data whose answers are in the dominant language (x -> en); "
+        "none: no shift at all (the contrastive loss alone: an ablation).",
     )
     mcl_batch_size: BatchSize = Field(
         8, ge=2, description="Parallel pairs per micro-batch (InfoNCE)."

@@ -51,7 +51,7 @@ from model.layers import decoder_layers, device_of, rank_world, truncated
 LANG_KWARG = "shifcon_lang_ids"
 CAPTURE_KWARG = "shifcon_capture"
 SHIFT_MASK_KWARG = "shifcon_shift_mask"
-SHIFT_POSITIONS = ("all", "prompt")
+SHIFT_POSITIONS = ("all", "prompt", "none")
 VECTORS_FILE = "shifcon_vectors.safetensors"
 META_FILE = "shifcon.json"
 
@@ -116,7 +116,7 @@ class ShifConHooks:
             lang_ids = kwargs.get(LANG_KWARG)
             if lang_ids is None:
                 lang_ids = self.inference_lang_ids
-            if lang_ids is None or layer not in (self.f, self.b):
+            if lang_ids is None or layer not in (self.f, self.b) or self.positions == "none":
                 return None
             if lang_ids.dim() == 0:  # one language for the whole call (e.g. a benchmark split)
                 lang_ids = lang_ids.expand(hidden.shape[0])

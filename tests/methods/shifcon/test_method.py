@@ -107,6 +107,12 @@ def test_prompt_positions_shift_the_prompt_only_in_training_and_cached_decoding(
     torch.testing.assert_close(forced[:, : prompt.shape[1]], all_positions[:, : prompt.shape[1]])
     assert not torch.allclose(forced[:, steps][:, 1:], all_positions[:, steps][:, 1:], atol=1e-3)
     torch.testing.assert_close(everywhere, all_positions)  # no mask: every position
+    hooks.positions = "none"  # ablation: the contrastive loss alone, the plain forward
+    with torch.no_grad():
+        unshifted = model(**args).logits
+    hooks.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(unshifted, model(**args).logits, rtol=0, atol=0)
 
 
 def test_truncated_contrastive_forward(tiny):
