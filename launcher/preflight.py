@@ -233,6 +233,9 @@ def check_backbone(
 def check_data_source(source: str, field: str) -> None:
     """A local JSON Lines file (or folder of them): present, UTF-8, its first lines JSON objects.
     Other sources (builtin:, datasets ids, parquet/csv) are read by their own loaders."""
+    if source.startswith("builtin:"):
+        builtin_rows(source, field)
+        return
     path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or path.suffix.lower() in (
         ".jsonl",
@@ -252,6 +255,37 @@ def check_data_source(source: str, field: str) -> None:
         files = []
     for file in files:
         _check_jsonl_head(file, field)
+
+
+def builtin_rows(source: str, field: str) -> list[dict]:
+    """A builtin source's rows (synthetic, built in milliseconds): a bad query is named now."""
+    from data.sources import load_rows
+
+    try:
+        rows, _ = load_rows(source)
+    except UserError as exc:
+        raise PreflightError(f"{field}: {exc}") from None
+    return rows
+
+
+def check_languages(recipe: Recipe) -> None:
+    """data.languages without a row, when every train source is builtin (known before any
+    load); other sources are read by the data pipeline, which names a missing language."""
+    wanted = recipe.data.languages
+    sources = recipe.data.train
+    if not wanted or not all(s.path.startswith("builtin:") for s in sources):
+        return
+    have = {
+        row.get("lang")
+        for i, s in enumerate(sources)
+        for row in builtin_rows(s.path, f"data.train.{i}.path")
+    }
+    missing = [lang for lang in wanted if lang not in have]
+    if missing:
+        raise PreflightError(
+            f"data.languages: no training rows for {missing} in "
+            f"{', '.join(s.path for s in sources)}"
+        )
 
 
 def _check_jsonl_head(path: Path, field: str) -> None:

@@ -40,6 +40,7 @@ def preflight(recipe: Recipe, *, dry_run: bool = False, mode: str | None = None)
     for section in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, section)):
             pf.check_data_source(source.path, f"data.{section}.{i}.path")
+    pf.check_languages(recipe)
     pairs = getattr(recipe.method, "pairs", None)
     if pairs is not None and pairs.path != "train":
         pf.check_data_source(pairs.path, "method.pairs.path")

@@ -393,6 +393,23 @@ def test_bad_data_files_before_the_run_dir(tmp_path, tiny_model_dir, capsys, kin
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["data.train.0.path=builtin:polyglot?items=many"], "data.train.0.path: builtin:polyglot"),
+        (["data.train.0.path=builtin:polyglot?colour=red"], "unknown parameter(s) colour"),
+        (["data.train.0.path=builtin:nope"], "unknown builtin source 'nope'"),
+        (["data.languages=[en,xx]"], "data.languages: no training rows for ['xx']"),
+    ],
+    ids=["items", "param", "name", "language"],
+)
+def test_builtin_source_problems_before_the_run_dir(tmp_path, tiny_model_dir, capsys, sets, needle):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path))
+    code = run_main([str(path), *[a for s in sets for a in ("--set", s)]])
+    _expect_rejected(capsys, code, needle)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_pairs_and_eval_files_before_the_run_dir(tmp_path, tiny_model_dir, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("{not json}\n")
