@@ -390,10 +390,43 @@ class MegatronEngine(Engine):
 
     def _sharded_state(self, loading: bool) -> dict[str, Any]:
         model_state = self.model.module.sharded_state_dict()
+        # The distributed optimizer's default format ("fully_sharded_model_space", deprecated)
+        # is refused by megatron-core 0.16's own checkpointing (flattened_range) on any device;
+        # "fully_reshardable" keeps checkpoints loadable into any TP/PP/DP layout.
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
         return {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading),
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_state, is_loading=loading, metadata=metadata
+            ),
         }
+
+    def _materialise_optimizer_state(self) -> None:
+        """The distributed optimizer describes its state for loading from the live torch Adam
+        state, which exists only after a first step (without Apex or Transformer Engine, e.g.
+        on CPU, it asserts on the missing step count): one zero-gradient step creates it, as
+        megatron-core does before its own FSDP loads. Every value it touches is then loaded."""
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
+
+    def _restore_adam_steps(self) -> None:
+        """After a distributed-optimizer load of torch's Adam (no Apex or TE), megatron-core
+        restores the step count into the parameter groups only, keeping the per-parameter
+        ``step`` of the state it found (the zero-gradient step's): each parameter gets the
+        loaded count, in a tensor of its own (Adam increments them one by one)."""
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not isinstance(opt, DistributedOptimizer):
+                continue
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    state = opt.optimizer.state.get(param, {})
+                    if "step" in group and isinstance(state.get("step"), Tensor):
+                        state["step"] = torch.full_like(state["step"], float(group["step"]))
 
     def save(self, root: Path, tag: str, client_state: dict[str, Any]) -> None:
         from megatron.core import dist_checkpointing
@@ -413,9 +446,12 @@ class MegatronEngine(Engine):
 
         directory = root / tag
         with self.device_scope():
+            self._materialise_optimizer_state()
             state = dist_checkpointing.load(self._sharded_state(loading=True), str(directory))
             self.model.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            with torch.no_grad():  # the distributed optimizer copies into its leaf main params
+                self.optimizer.load_state_dict(state["optimizer"])
+            self._restore_adam_steps()
         return load_tensors(directory / CLIENT_STATE)
 
     def method_state(self) -> dict[str, Any]:
