@@ -5,7 +5,8 @@ decides where layers live (parallel_state: TP x PP x DP), how a micro-batch cros
 (`parallel/megatron_schedule.py`: megatron-core's own schedules), and which group reduces what.
 A Hugging Face checkpoint goes in and a Hugging Face directory comes out
 (`parallel/megatron_io.py`); checkpoints in between are megatron-core distributed checkpoints,
-which reload into any TP/PP/DP layout. The method runs as its `MegatronStage` (methods/base.py,
+which reload into any TP/PP/DP layout (with the distributed optimizer: another DP size only,
+see `_sharded_state`). The method runs as its `MegatronStage` (methods/base.py,
 chosen by methods/registry.py): this file calls the stage's hooks and never names a method.
 """
 
@@ -392,7 +393,9 @@ class MegatronEngine(Engine):
         model_state = self.model.module.sharded_state_dict()
         # The distributed optimizer's default format ("fully_sharded_model_space", deprecated)
         # is refused by megatron-core 0.16's own checkpointing (flattened_range) on any device;
-        # "fully_reshardable" keeps checkpoints loadable into any TP/PP/DP layout.
+        # "fully_reshardable" (any layout) fails to load torch Adam's per-parameter step
+        # (KeyError 'step', measured on CPU). "dp_reshardable": fully parallel, reloads into
+        # another DP size but not another TP/PP.
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
         return {
             "model": model_state,
