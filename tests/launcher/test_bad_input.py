@@ -455,7 +455,7 @@ def test_xtransplant_config_file_problems(tmp_path, tiny_model_dir, capsys):
         ["data.crossin", "--source", "x", "--out", "o", "--size", "0"],
         ["launcher.probe", "--model", "m", "--languages", "en,sw", "--out", "o", "--samples", "-3"],
         ["launcher.evaluate", "--model", "m", "--languages", "sw", "--limit", "many"],
-        ["launcher.xtransplant", "--model", "m", "--dev", "1e9"],
+        ["launcher.xtransplant", "--model", "m", "--workers", "1e9"],
         ["launcher.shifcon_infer", "generate", "m", "--prompt", "p", "--max-new-tokens", "0"],
     ],
     ids=lambda a: " ".join(a[:1] + a[-2:]),
