@@ -440,7 +440,9 @@ def deepspeed_block_errors(recipe: Recipe, config: dict[str, Any], device: str) 
                 "fields instead"
             )
     errors += _optimizer_errors(config.get("optimizer"))
-    if errors:
+    if errors or not raw:
+        # Without a raw block the config is all generated from the checked recipe: no need to
+        # pay DeepSpeed's import (about 5 s) in the launching process.
         return errors
     return _deepspeed_parser_errors(config, raw, device)
 

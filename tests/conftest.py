@@ -154,6 +154,9 @@ LONGEST_FIRST = (  # summed test wall time of `make test` on a busy machine (202
     "tests/methods/shifcon/test_method.py",  # 390 s
     "tests/cluster/test_slurm.py",  # 260 s
     "tests/parallel/test_megatron.py",  # 200 s
+    "tests/launcher/test_lora_training.py",  # 200 s (busy machine, 2026-12-02)
+    "tests/parallel/test_megatron_layouts.py",
+    "tests/parallel/test_megatron_exit.py",
     "tests/methods/test_lens.py",
     "tests/eval/test_engine.py",
     "tests/methods/shifcon/test_probe.py",

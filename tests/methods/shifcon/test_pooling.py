@@ -174,4 +174,5 @@ def _all_token_features(lm: ShiftedLM, prompts):
 def test_detect_eval_cli_rejects_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "launcher.shifcon_infer", "detect-eval", "--model", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "not a ShifCon export" in proc.stderr
+    # An empty folder is refused before any model loads (launcher.preflight's file checks).
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr, proc.stderr
