@@ -55,6 +55,18 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     )
 
 
+def test_untranslated_rows_are_not_items_of_that_language(tmp_path):
+    data = shared_folder(tmp_path / "shared", n=200)
+    path = data / "parallel" / "gsm8k_questions" / "fr.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[0]["target"] = rows[0]["en"] + " "  # left in English
+    path.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    both = {i.en for s in ("train", "heldout") for i in load_items(data, ["en", "fr"], split=s)}
+    assert len(both) == 199 and rows[0]["en"] not in both
+    sw_only = {i.en for s in ("train", "heldout") for i in load_items(data, ["en", "sw"], split=s)}
+    assert rows[0]["en"] in sw_only
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path):
     data = shared_folder(tmp_path / "shared")
