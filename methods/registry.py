@@ -68,11 +68,6 @@ def _shifcon_stage() -> type[MegatronStage]:
 
 def _shifcon_recipe_errors(section: ShifConMethod, recipe) -> list[str]:
     errors = []
-    if recipe.parallel.engine == "megatron" and section.band == "auto":
-        errors.append(
-            "method.band: auto needs the deepspeed engine; pick the band with "
-            "`python -m launcher.probe` and write it into the recipe"
-        )
     if recipe.parallel.engine == "megatron" and section.shift_positions != "all":
         errors.append(
             "method.shift_positions: prompt needs the deepspeed engine (the megatron stage "

@@ -5,10 +5,14 @@ it runs when the decoder is split into tensor- and pipeline-parallel stages, beh
 generic `MegatronStage` hooks (methods/base.py): the engine never reads ShifCon's config or state.
 
 - Layers f..b are built as `ShifConLayer` through the layer spec (`layer_class_for`), on
-  whichever stage owns them. Every row of a micro-batch carries (role, language, pooled end,
-  micro-batch index, pooled start) in the block's ``context`` input: megatron's TransformerBlock hands that
-  tensor to every layer and into activation recomputation, and GPT layer specs have no
-  cross-attention that would read it. The shift is therefore a pure function of the layer's
+  whichever stage owns them. With ``band: auto`` every layer is one: the layer probe
+  (`methods/shifcon/probe.py`) runs through the built model in `prepare`, each stage summing
+  its own layers' statistics, summed over DP then PP, and rank 0's band is every rank's; the
+  layers outside the band then pass their output through.
+- Every row of a micro-batch carries (role, language, pooled end, micro-batch index, pooled
+  start) in the block's ``context`` input: megatron's TransformerBlock hands that tensor to
+  every layer and into activation recomputation, and GPT layer specs have no cross-attention
+  that would read it. The shift is therefore a pure function of the layer's
   inputs, and recomputation sees the same shift.
 - The contrastive pairs ride in the same micro-batch as the LM rows (role anchor/target), so
   the standard pipeline schedules run unchanged. Pair rows are never shifted and leave the
@@ -17,6 +21,9 @@ generic `MegatronStage` hooks (methods/base.py): the engine never reads ShifCon'
 - On each stage that owns band layers l in [f, b), the per-layer InfoNCE is attached to the
   layer output as an auxiliary loss (`AttachAuxLoss`, the pattern megatron-core uses for MoE
   load balancing): it enters that stage's backward pass with no change to the schedule.
+- The linear language detector (`methods/shifcon/detect.py`) is fitted in `prepare` on the
+  pooled H_f of the vector samples, summed from the stage that owns layer f over DP and PP,
+  so every rank fits it on the DeepSpeed path's features, in the same order.
 - A stage keeps language statistics only for its own layers. Sums are reduced over the
   data-parallel group; under sequence parallelism the rows are first gathered over the TP
   group, so TP ranks hold the same full-sequence statistics. The method's full statistics
@@ -37,20 +44,24 @@ import torch.distributed as dist
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
-from config.errors import UserError
-from data.formatting import Batch, Example, collate, content_mask
+from data.formatting import Batch, Example, collate, content_mask, right_pad
 from methods.base import MegatronStage, StageContext, StageForward
+from methods.shifcon.detect import LinearDetector
 from methods.shifcon.math import (
     LanguageStats,
     all_reduce_,
     combine_losses,
     mcl_loss,
+    pooled_mean,
     shift_backward,
     shift_toward,
 )
-from methods.shifcon.method import ShifCon, pad_pairs
+from methods.shifcon.method import ShifCon, band_message, pad_pairs
+from methods.shifcon.probe import ProbeResult, ProbeSums
 
-ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE = 0, 1, 2, 3
+# Row roles (context column 0). Vector samples (ROLE_PROBE) and layer-probe sequences
+# (ROLE_LAYER_PROBE) carry their global sample / sequence index in column 3.
+ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE, ROLE_LAYER_PROBE = 0, 1, 2, 3, 4
 PAIR_ROLES = (ROLE_ANCHOR, ROLE_TARGET)
 
 
@@ -114,13 +125,16 @@ class ShifConStage(MegatronStage):
     method: ShifCon
 
     def __init__(self, method: ShifCon, where: StageContext) -> None:
-        if method.band is None:
-            raise UserError("method.band: auto is not available on the megatron engine yet")
         super().__init__(method, where)
-        self.f, self.b = method.band
+        self.auto = method.band is None  # band: auto: chosen by the probe in `prepare`
         self.stage_layers = where.layers
-        self.own = [layer for layer in method.layers if layer in where.layers]
-        self.drop_after = method.capture_depth()
+        self.f = self.b = None
+        self.own: list[int] = []
+        self.drop_after = 0
+        if not self.auto:
+            self._take_band()
+        self._probe_sums: ProbeSums | None = None  # filled by the layer probe's forwards
+        self._features: Tensor | None = None  # detector features, filled by the vector pass
         self.hidden_size = where.hidden_size
         self.dp_group = where.dp_group
         self.sequence_parallel = where.sequence_parallel
@@ -133,10 +147,25 @@ class ShifConStage(MegatronStage):
         self.mcl_values: dict[tuple[int, int], float] = {}
         self._counted: set[tuple[int, int]] = set()
 
+    def _take_band(self) -> None:
+        """This stage's share of the method's (now fixed) band."""
+        m = self.method
+        self.f, self.b = m.band
+        self.own = [layer for layer in m.layers if layer in self.stage_layers]
+        self.drop_after = m.capture_depth()
+
+    def _set_band(self, band: Sequence[int]) -> None:
+        """band: auto, once chosen (or restored): the method's band, then this stage's."""
+        m = self.method
+        m.band = (int(band[0]), int(band[1]))
+        m.layers = list(range(m.band[0], m.band[1] + 1))
+        self._take_band()
+
     # -- wiring ---------------------------------------------------------------------------
 
     def layer_class_for(self, number: int) -> type | None:
-        return ShifConLayer if number in self.method.layers else None
+        """band: auto: every layer (the band is chosen after the model is built)."""
+        return ShifConLayer if self.auto or number in self.method.layers else None
 
     def attach(self, model: torch.nn.Module) -> None:
         for module in model.modules():
@@ -185,6 +214,11 @@ class ShifConStage(MegatronStage):
     def after_layer(self, number: int, hidden: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """hidden ``[s, rows, h]`` (``[s/tp, rows, h]`` under sequence parallelism)."""
         roles, langs = context[:, 0], context[:, 1]
+        if bool((roles == ROLE_LAYER_PROBE).any()):
+            self._probe_layer(number, hidden, context)
+            return hidden, context
+        if self.f is None or not self.f <= number <= self.b:  # band: auto, outside the band
+            return hidden, context
         stats = self._stats_for(context)
         if number in self.own:
             self._statistics(number, hidden, context)
@@ -261,7 +295,18 @@ class ShifConStage(MegatronStage):
                 torch.full_like(context[rows, 1], self.method.dominant),
                 context[rows, 1],
             )
-            target.update(number, h, _content_mask(context[rows], h.shape[1]), langs)
+            mask = _content_mask(context[rows], h.shape[1])
+            target.update(number, h, mask, langs)
+            if number == self.f and self._features is not None and target is self.stats:
+                self._features[context[rows, 3]] = pooled_mean(h, mask).to(self._features)
+
+    def _probe_layer(self, number: int, hidden: Tensor, context: Tensor) -> None:
+        """The layer probe's sums for this layer (unshifted: no band exists yet)."""
+        rows = context[:, 0] == ROLE_LAYER_PROBE
+        with torch.no_grad():
+            h = self._full_rows(hidden.detach(), rows)
+            picked = context[rows]
+            self._probe_sums.add(number, picked[:, 3], h, _content_mask(picked, h.shape[1]))
 
     def _contrast(
         self, number: int, hidden: Tensor, context: Tensor, stats: LanguageStats
@@ -298,23 +343,90 @@ class ShifConStage(MegatronStage):
             self.method.languages, self.own, self.hidden_size, device=self.device
         )
 
-    def probe_rows(self, examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
+    def probe_rows(
+        self, examples: Sequence[Example], pad_id: int, first: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Vector samples `first`, `first` + 1, ... (their index in column 3)."""
         batch = collate(examples, pad_id, self.method.languages)
         starts, ends = pooled_span(self.method, batch)
-        return batch.input_ids, row_context(ROLE_PROBE, batch.lang_ids, ends, 0, starts)
+        context = row_context(ROLE_PROBE, batch.lang_ids, ends, 0, starts)
+        context[:, 3] = torch.arange(first, first + len(examples))
+        return batch.input_ids, context
 
     def prepare(self, forward: StageForward, examples: Sequence[Example], batch_size: int) -> None:
-        """Precompute: the vector samples through the frozen model, unshifted, each DP rank a
-        share; every stage records its own layers; one all-reduce per stage."""
+        """band: auto: the layer probe first. Precompute: the vector samples through the frozen
+        model, unshifted, each DP rank a share; every stage records its own layers; one
+        all-reduce per stage. The language detector is fitted on the same forwards."""
+        if self.auto and self.method.band is None:
+            self._choose_band(forward, examples, batch_size)
         batches = self.method.vector_batches(examples, batch_size)
         pad = self.method.tokenizer.pad_token_id
         self.stats = self.empty_stats()
+        firsts = [0]
+        for group in batches:
+            firsts.append(firsts[-1] + len(group))
+        self._features = torch.zeros(firsts[-1], self.hidden_size, device=self.device)
         w = self.where
-        for group in batches[w.dp_rank :: w.dp_size]:
-            forward(*self.probe_rows(group, pad))
+        for i in range(w.dp_rank, len(batches), w.dp_size):
+            forward(*self.probe_rows(batches[i], pad, firsts[i]))
         if self.stats is not None:
             all_reduce_(self.stats, self.dp_group)
+        self._fit_detector([ex for group in batches for ex in group])
         self.sync_state()
+
+    def _sum_over_stages(self, tensor: Tensor) -> Tensor:
+        """Each entry written by one (DP rank, stage) of this TP rank's pipeline: the whole."""
+        dist.all_reduce(tensor, group=self.dp_group)
+        dist.all_reduce(tensor, group=self.where.pp_group)
+        return tensor
+
+    def _fit_detector(self, samples: Sequence[Example]) -> None:
+        """The `linear` detector on the pooled H_f of every vector sample, in sample order
+        (the order a one-process DeepSpeed run fits on), on every rank."""
+        feats, self._features = self._sum_over_stages(self._features), None
+        labels = torch.tensor([self.method.lang_index[ex.lang] for ex in samples])
+        self.method.detector = LinearDetector.fit(feats.cpu(), labels, len(self.method.languages))
+
+    def _choose_band(
+        self, forward: StageForward, examples: Sequence[Example], batch_size: int
+    ) -> None:
+        """band: auto: the layer probe through the pipeline (each DP rank a share of the
+        batches, each stage its own layers), summed over DP then PP; rank 0's result is every
+        rank's (one decision, whatever the round-off)."""
+        m = self.method
+        inputs = m.probe_inputs(examples)
+        total = torch.tensor([self.stage_layers.stop - 1], device=self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.where.pp_group)
+        sums = ProbeSums(inputs, int(total), self.hidden_size, self.device)
+        self._probe_sums = sums
+        w = self.where
+        try:
+            for idx in sums.batches(batch_size)[w.dp_rank :: w.dp_size]:
+                forward(*self._layer_probe_rows(inputs, idx))
+        finally:
+            self._probe_sums = None
+        sums.all_reduce_(self.dp_group).all_reduce_(self.where.pp_group)
+        chosen: list[ProbeResult | None] = [sums.result(m.cfg.probe_tolerance)]
+        dist.broadcast_object_list(chosen, src=0)
+        m.probe_result = chosen[0]
+        self._set_band(m.probe_result.band)
+        if dist.get_rank() == 0:
+            print(band_message(m.probe_result))
+
+    def _layer_probe_rows(self, inputs, idx: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Probe sequences `idx`, right-padded; context: (role, -1 (`ProbeSums` knows each
+        sequence's language), pooled end, sequence index, pooled start)."""
+        ids, _ = right_pad([inputs.sequences[i] for i in idx], 0)
+        spans = torch.tensor([inputs.spans[i] for i in idx], dtype=torch.long)
+        n = len(idx)
+        columns = [
+            torch.full((n,), ROLE_LAYER_PROBE),
+            torch.full((n,), -1),
+            spans[:, 1],
+            torch.tensor(list(idx)),
+            spans[:, 0],
+        ]
+        return ids, torch.stack([c.long() for c in columns], dim=1)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -363,6 +475,8 @@ class ShifConStage(MegatronStage):
         self.method.stats = merge_stage_stats(parts, self.method.languages)
 
     def restore(self, state: dict[str, Any]) -> None:
+        if self.method.band is None and state.get("band") is not None:  # band: auto
+            self._set_band(state["band"])
         self.method.load_state_dict(state)
         if self.method.stats is not None:
             self.take_stats(self.method.stats)

@@ -249,7 +249,19 @@ class ShifCon(Method):
     def _probe(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
         """band: auto: run the layer probe on the training samples and pairs through the
         engine's forward module (every rank the same number of forwards), then set the band."""
-        from methods.shifcon.probe import build_inputs, run_probe
+        from methods.shifcon.probe import run_probe
+
+        inputs = self.probe_inputs(examples)
+        result = run_probe(model, inputs, batch_size=batch_size, tolerance=self.cfg.probe_tolerance)
+        self.probe_result = result
+        self._set_band(result.band)
+        if rank_world()[0] == 0:
+            print(band_message(result))
+
+    def probe_inputs(self, examples: Sequence[Example]):
+        """band: auto: the probe's samples (the training samples) and pairs, every engine the
+        same (`methods.shifcon.probe.ProbeInputs`)."""
+        from methods.shifcon.probe import build_inputs
 
         n = self.cfg.probe_samples
         samples = [(ex.lang, ex.input_ids, self._span(ex)) for ex in examples]
@@ -263,15 +275,9 @@ class ShifCon(Method):
                 en, x = (sentence_example(tok, t, limit) for t in (p.en, p.target))
                 pairs.append((p.lang, en.input_ids, x.input_ids, self._span(en), self._span(x)))
         try:
-            inputs = build_inputs(self.languages, samples, pairs, n)
+            return build_inputs(self.languages, samples, pairs, n)
         except ValueError as exc:
             raise UserError(f"method.band: auto: {exc}") from None
-        result = run_probe(model, inputs, batch_size=batch_size, tolerance=self.cfg.probe_tolerance)
-        self.probe_result = result
-        self._set_band(result.band)
-        if rank_world()[0] == 0:
-            curve = ", ".join(f"{d:.3f}" for d in result.mean_distance)
-            print(f"shifcon: band auto -> {list(self.band)} (mean distance per layer: {curve})")
 
     def capture_depth(self) -> int:
         """MCL needs H_f..H_{b-1}; running vectors also need H_b (one more layer)."""
@@ -455,6 +461,12 @@ class ShifCon(Method):
         files = [Path(export_dir) / VECTORS_FILE, Path(export_dir) / META_FILE]
         extra = [Path(export_dir) / name for name in (PROBE_FILE, PLOT_FILE, DETECTOR_FILE)]
         return files + [p for p in extra if p.is_file()]
+
+
+def band_message(result) -> str:
+    """What rank 0 prints once the probe has chosen the band (`ProbeResult`)."""
+    curve = ", ".join(f"{d:.3f}" for d in result.mean_distance)
+    return f"shifcon: band auto -> {list(result.band)} (mean distance per layer: {curve})"
 
 
 def prompt_positions(batch: Batch) -> torch.Tensor:

@@ -166,6 +166,59 @@ class ProbeResult:
         return out
 
 
+class ProbeSums:
+    """What the probe adds up over its forwards, whatever runs them: per-layer language sums
+    (`LanguageStats`, every decoder layer) and the pooled H_l of every probe sequence.
+
+    The Hugging Face path fills every layer of its own batches (`run_probe`); a megatron
+    pipeline stage fills only its own layers, so a rank's sums are a share to be summed over
+    the data-parallel and then the pipeline group (every (sequence, layer) is written once).
+    """
+
+    def __init__(
+        self, inputs: ProbeInputs, num_layers: int, hidden: int, device: torch.device | str
+    ) -> None:
+        self.inputs = inputs
+        self.layers = list(range(1, num_layers + 1))
+        n = len(inputs.sequences)
+        self.seq_lang = torch.full((n,), -1, dtype=torch.long)
+        for seq, lang in inputs.samples:
+            self.seq_lang[seq] = lang
+        self.stats = LanguageStats.zeros(inputs.languages, self.layers, hidden, device=device)
+        self.pooled = torch.zeros(n, num_layers, hidden, dtype=torch.float32, device=device)
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Sequence indices in batches of similar length (the same list on every rank)."""
+        seqs = self.inputs.sequences
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def pool_mask(self, idx: Sequence[int], mask: Tensor) -> Tensor:
+        """The pooled positions of these right-padded sequences (`content_mask`)."""
+        span = torch.tensor([self.inputs.spans[i] for i in idx], device=mask.device)
+        if bool((span[:, 0] == 0).all()):  # method.pooling: all (ablation)
+            return mask
+        return content_mask(mask, span[:, 0], span[:, 1])
+
+    def add(self, layer: int, idx: Tensor, hidden: Tensor, pool: Tensor) -> None:
+        """H_layer ``[n, T, D]`` of sequences `idx`; only language samples enter the means."""
+        lang = self.seq_lang[idx.cpu()].to(hidden.device)
+        counted = (lang >= 0).to(pool.dtype)
+        self.stats.update(layer, hidden, pool * counted[:, None], lang.clamp(min=0))
+        self.pooled[idx.to(self.pooled.device), layer - 1] = pooled_mean(hidden, pool).to(
+            self.pooled
+        )
+
+    def all_reduce_(self, group: Any = None) -> ProbeSums:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            all_reduce_(self.stats, group)
+            torch.distributed.all_reduce(self.pooled, group=group)
+        return self
+
+    def result(self, tolerance: float) -> ProbeResult:
+        return _score(self.inputs, self.stats, self.pooled.cpu(), self.layers, tolerance)
+
+
 @torch.no_grad()
 def run_probe(
     model: nn.Module,
@@ -177,44 +230,23 @@ def run_probe(
     """Probe every decoder layer; identical on every rank (two all-reduces of rank shares)."""
     base = unwrap(model)
     n_layers = base.config.num_hidden_layers
-    hidden = base.config.hidden_size
-    layers = list(range(1, n_layers + 1))
     rank, world = rank_world()
     device = device_of(model)
-    n = len(inputs.sequences)
-    order = sorted(range(n), key=lambda i: (len(inputs.sequences[i]), i))
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-    seq_lang = torch.full((n,), -1, dtype=torch.long)
-    for seq, lang in inputs.samples:
-        seq_lang[seq] = lang
-    stats = LanguageStats.zeros(inputs.languages, layers, hidden, device=device)
-    pooled = torch.zeros(n, len(layers), hidden, dtype=torch.float32, device=device)
-
+    sums = ProbeSums(inputs, n_layers, base.config.hidden_size, device)
     was_training = model.training
     model.eval()
-    with capture_layers(model, layers) as store:
-        for idx, filler in even_rounds(batches, rank, world):
+    with capture_layers(model, sums.layers) as store:
+        for idx, filler in even_rounds(sums.batches(batch_size), rank, world):
             ids, mask = (t.to(device) for t in right_pad([inputs.sequences[i] for i in idx], 0))
             store.clear()
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
             if filler:
                 continue  # a filler forward: ZeRO-3 gathers are collectives
-            lang = seq_lang[idx].to(device)
-            counted = (lang >= 0).to(mask.dtype)
-            span = torch.tensor([inputs.spans[i] for i in idx], device=device)
-            pool = content_mask(mask, span[:, 0], span[:, 1])
-            if bool((span[:, 0] == 0).all()):  # method.pooling: all (ablation)
-                pool = mask
-            for j, layer in enumerate(layers):
-                h = store[layer]
-                stats.update(layer, h, pool * counted[:, None], lang.clamp(min=0))
-                pooled[torch.tensor(idx, device=device), j] = pooled_mean(h, pool)
+            pool = sums.pool_mask(idx, mask)
+            for layer in sums.layers:
+                sums.add(layer, torch.tensor(idx), store[layer], pool)
     model.train(was_training)
-    all_reduce_(stats)
-    if world > 1:
-        torch.distributed.all_reduce(pooled)  # each row is written by exactly one rank
-    return _score(inputs, stats, pooled.cpu(), layers, tolerance)
+    return sums.all_reduce_().result(tolerance)
 
 
 def _score(

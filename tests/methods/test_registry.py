@@ -50,9 +50,9 @@ def _recipe(tmp_path, model_dir, method, engine="megatron") -> Recipe:
     [
         ({"name": "lens"}, "method.name: lens runs on the deepspeed engine only (parallel.engine)"),
         (
-            {"name": "shifcon", "band": "auto"},
-            "method.band: auto needs the deepspeed engine; pick the band with "
-            "`python -m launcher.probe` and write it into the recipe",
+            {"name": "shifcon", "band": [1, 3], "shift_positions": "prompt"},
+            "method.shift_positions: prompt needs the deepspeed engine (the megatron stage "
+            "shifts every position)",
         ),
     ],
 )

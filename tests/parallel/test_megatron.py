@@ -19,7 +19,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from data.sources import load_rows
+from launcher.shifcon_infer import main as infer_main
+from methods.shifcon.detect import DETECTOR_FILE, LinearDetector
 from methods.shifcon.infer import ShiftedLM
+from methods.shifcon.probe import PROBE_FILE
 from parallel.distributed import free_port
 from parallel.megatron_convert import hf_to_mcore, mcore_to_hf, pack_qkv, unpack_qkv
 from parallel.megatron_model import (
@@ -36,6 +40,8 @@ from tests.helpers.runs import ROOT, clean_env, run_cli, tiny_recipe, write_reci
 LANGS = ["en", "fr", "sw"]  # tiny_recipe's
 SHIFCON = {"name": "shifcon", "band": [1, 3], "mcl_batch_size": 4, "vector_samples": 8}
 STEPS = 4
+HELD_OUT = "builtin:polyglot?items=12&seed=7"  # other prompts than the runs train on
+AUTO = {"band": "auto", "probe_samples": 6}  # the 4-layer model: the probe may pick [2, 3] only
 
 
 def export_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -81,6 +87,11 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
                                                   vector_mode="running"),
          "train": True, "stages": [2, STEPS]},
         {"name": "dp2", "recipe": _recipe(m, tmp, "dp2", dp=2), "train": True, "stages": [1]},
+        # band: auto: the layer probe through the partitioned model (resumed: the band comes
+        # back from the checkpoint before any layer shifts)
+        {"name": "tp2_auto", "recipe": _recipe(m, tmp, "tp2_auto", tp=2, **AUTO), "train": True,
+         "stages": [2, STEPS]},
+        {"name": "pp2_auto", "recipe": _recipe(m, tmp, "pp2_auto", pp=2, **AUTO), "train": True},
     ]  # fmt: skip
     spec = tmp / "jobs.json"
     spec.write_text(json.dumps(jobs))
@@ -94,9 +105,14 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     refs = {}
-    for name, mode in (("ds_precompute", "precompute"), ("ds_running", "running")):
+    references = {
+        "ds_precompute": {"vector_mode": "precompute"},
+        "ds_running": {"vector_mode": "running"},
+        "ds_auto": AUTO,
+    }
+    for name, method in references.items():
         path = write_recipe(
-            tmp / f"{name}.yaml", _recipe(m, tmp, name, engine="deepspeed", vector_mode=mode)
+            tmp / f"{name}.yaml", _recipe(m, tmp, name, engine="deepspeed", **method)
         )
         ds = run_cli(str(path), cwd=tmp)
         assert ds.returncode == 0, ds.stderr[-3000:]
@@ -106,6 +122,10 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
 
 def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
+
+
+def _meta(export: Path) -> dict:
+    return json.loads((export / "shifcon.json").read_text())
 
 
 # -- conversion (pure functions) ----------------------------------------------------------
@@ -287,7 +307,12 @@ def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_d
     # TP=2 sums split matmuls in another order; at the default tau 0.05 the InfoNCE logits
     # scale cosine differences by 20 (tau 1.0 gave <= 2e-3), measured 2.3e-3 on loss_mcl.
     "job,ref,rtol",
-    [("tp2", "ds_precompute", 5e-3), ("pp2", "ds_running", 1e-5)],
+    [
+        ("tp2", "ds_precompute", 5e-3),
+        ("pp2", "ds_running", 1e-5),
+        ("tp2_auto", "ds_auto", 5e-3),  # resumed at step 2
+        ("pp2_auto", "ds_auto", 1e-5),
+    ],
 )
 def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
     tmp, refs = megatron_runs
@@ -296,7 +321,11 @@ def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
     torch.testing.assert_close(
         torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=rtol, atol=0
     )
-    for key in ("loss_lm", "loss_mcl", "loss_mcl/L1", "loss_mcl/L2"):
+    band = _meta(refs[ref] / "export")["band"]
+    assert _meta(tmp / job / "export")["band"] == band == ([2, 3] if "auto" in job else [1, 3])
+    keys = ["loss_lm", "loss_mcl"] + [f"loss_mcl/L{layer}" for layer in range(*band)]
+    assert set(ours["method_metrics"][0]) == set(theirs["method_metrics"][0]) == set(keys)
+    for key in keys:
         got = torch.tensor([m[key] for m in ours["method_metrics"]])
         want = torch.tensor([m[key] for m in theirs["method_metrics"]])
         torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=key)
@@ -310,6 +339,50 @@ def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
     expected = load_file(refs[ref] / "export" / "shifcon_vectors.safetensors")
     assert torch.equal(vectors["counts"], expected["counts"])
     torch.testing.assert_close(vectors["vectors"], expected["vectors"], rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_band_auto_probe_on_the_pipeline_equals_deepspeeds(megatron_runs):
+    """PP=2: each stage probes its own layers; the curves combined over the stages are the
+    DeepSpeed probe's (the 4-layer model's band can only be [2, 3], so the curves are the
+    check that the same metric ran on the same states)."""
+    tmp, refs = megatron_runs
+    ours = json.loads((tmp / "pp2_auto" / "export" / PROBE_FILE).read_text())
+    theirs = json.loads((refs["ds_auto"] / "export" / PROBE_FILE).read_text())
+    assert ours["band"] == theirs["band"] == [2, 3] and ours["layers"] == [1, 2, 3, 4]
+    assert ours["samples_per_language"] == theirs["samples_per_language"]
+    assert ours["pairs_per_language"] == theirs["pairs_per_language"]
+    for lang in LANGS:
+        assert ours["distances"][lang] == pytest.approx(
+            theirs["distances"][lang], rel=1e-5, abs=1e-7
+        )
+    assert ours["mean_distance"] == pytest.approx(theirs["mean_distance"], rel=1e-5)
+    assert ours["language_id_accuracy"] == theirs["language_id_accuracy"]
+    assert ours["bitext_retrieval_accuracy"] == theirs["bitext_retrieval_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "job,ref", [("tp2", "ds_precompute"), ("pp2", "ds_running"), ("pp2_auto", "ds_auto")]
+)
+def test_megatron_export_has_the_deepspeed_detector(megatron_runs, job, ref, capsys):
+    """The linear detector fitted on the megatron engine (features from the stage that owns
+    layer f, summed over DP and PP) is the DeepSpeed one: same tensors, same predictions on
+    held-out prompts, and `detect-eval` runs on the megatron export."""
+    tmp, refs = megatron_runs
+    export = tmp / job / "export"
+    ours, theirs = LinearDetector.load(export), LinearDetector.load(refs[ref] / "export")
+    assert ours is not None and theirs is not None
+    for name, tensor in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
+    lm = ShiftedLM.from_export(export)
+    prompts = [r["instruction"] for r in load_rows(HELD_OUT)[0] if r["lang"] in LANGS]
+    features = lm.prompt_features(prompts)
+    assert torch.equal(ours.predict(features), theirs.predict(features))
+    if job == "tp2":
+        assert infer_main(["detect-eval", "--model", str(export), "--data", HELD_OUT]) == 0
+        out = capsys.readouterr().out
+        assert "no linear detector" not in out and "linear" in out
 
 
 @pytest.mark.slow
@@ -351,9 +424,9 @@ def test_resume_from_distributed_checkpoint_is_exact(megatron_runs):
     assert a["losses"] == b["losses"] and a["method_metrics"] == b["method_metrics"]
     wa, wb = export_weights(straight / "export"), export_weights(resumed / "export")
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
-    va = load_file(straight / "export" / "shifcon_vectors.safetensors")
-    vb = load_file(resumed / "export" / "shifcon_vectors.safetensors")
-    assert all(torch.equal(va[k], vb[k]) for k in va)
+    for name in ("shifcon_vectors.safetensors", DETECTOR_FILE):  # the detector: checkpointed
+        va, vb = load_file(straight / "export" / name), load_file(resumed / "export" / name)
+        assert set(va) == set(vb) and all(torch.equal(va[k], vb[k]) for k in va), name
     assert os.path.isdir(resumed / "checkpoints" / "step_00000002")
 
 
