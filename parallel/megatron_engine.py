@@ -282,7 +282,6 @@ class MegatronEngine(Engine):
     @torch.no_grad()
     def forward_logits(self, batch: Batch) -> Tensor:
         """Full logits on every rank: computed on the last stage, broadcast over the pipeline."""
-        from megatron.core import parallel_state as ps
 
         captured: list[Tensor] = []
 
@@ -291,9 +290,14 @@ class MegatronEngine(Engine):
             return logits.new_zeros(()), {}
 
         self.pipeline.forward_only(self._eval_feed(batch), keep, gather_logits=True)
-        b, t = batch.input_ids.shape
+        return self._from_last_stage(captured, (*batch.input_ids.shape, self.shape.vocab))
+
+    def _from_last_stage(self, captured: list[Tensor], shape: tuple[int, ...]) -> Tensor:
+        """What the last stage captured (`shape`), broadcast to every stage of the pipeline."""
+        from megatron.core import parallel_state as ps
+
         device = self.ctx.torch_device
-        logits = captured[0] if captured else torch.empty(b, t, self.shape.vocab, device=device)
+        logits = captured[0] if captured else torch.empty(*shape, device=device)
         if self.pp > 1:
             dist.broadcast(
                 logits,
@@ -320,16 +324,7 @@ class MegatronEngine(Engine):
             return logits.new_zeros(()), {}
 
         self.pipeline.forward_only(self._eval_feed(batch), keep)
-        rows = batch.input_ids.shape[0]
-        device = self.ctx.torch_device
-        logits = captured[0] if captured else torch.empty(rows, self.shape.vocab, device=device)
-        if self.pp > 1:
-            dist.broadcast(
-                logits,
-                src=ps.get_pipeline_model_parallel_last_rank(),
-                group=ps.get_pipeline_model_parallel_group(),
-            )
-        return logits
+        return self._from_last_stage(captured, (batch.input_ids.shape[0], self.shape.vocab))
 
     @torch.no_grad()
     def prefill(self, batch: Batch, max_new_tokens: int):

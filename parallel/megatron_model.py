@@ -58,32 +58,28 @@ def resolve_attention(requested: str, on_gpu: bool, te_available: bool) -> str:
     )
 
 
-def to_spec_names(state: Mapping[str, Any], transformer_engine: bool) -> dict[str, Any]:
-    """Local-spec parameter names (what the converter speaks) -> the built spec's names."""
-    if not transformer_engine:
-        return dict(state)
+def _renamed(state: Mapping[str, Any], suffixes: Mapping[str, str]) -> dict[str, Any]:
+    """`state` with each name ending in ``.<old>`` of `suffixes` ending in ``.<new>`` instead."""
     out = {}
     for name, value in state.items():
-        for local, te in TE_NORM_NAMES.items():
-            if name.endswith("." + local):
-                name = name[: -len(local)] + te
+        for old, new in suffixes.items():
+            if name.endswith("." + old):
+                name = name[: -len(old)] + new
                 break
         out[name] = value
     return out
+
+
+def to_spec_names(state: Mapping[str, Any], transformer_engine: bool) -> dict[str, Any]:
+    """Local-spec parameter names (what the converter speaks) -> the built spec's names."""
+    return _renamed(state, TE_NORM_NAMES) if transformer_engine else dict(state)
 
 
 def from_spec_names(state: Mapping[str, Any], transformer_engine: bool) -> dict[str, Any]:
     """The inverse of `to_spec_names`."""
     if not transformer_engine:
         return dict(state)
-    out = {}
-    for name, value in state.items():
-        for local, te in TE_NORM_NAMES.items():
-            if name.endswith("." + te):
-                name = name[: -len(te)] + local
-                break
-        out[name] = value
-    return out
+    return _renamed(state, {te: local for local, te in TE_NORM_NAMES.items()})
 
 
 @dataclass(frozen=True)
