@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from config.recipe import load_recipe
-from data.formatting import collate
-from launcher.loop import open_session
+from tests.helpers.engine_logits import capture
 
 
 def lora_session(run_dir: Path, workdir: Path) -> dict:
@@ -25,23 +23,7 @@ def lora_session(run_dir: Path, workdir: Path) -> dict:
 
 
 def main(run_dir: str, out: str) -> None:
-    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
-    session = open_session(recipe, Path(run_dir))
-    examples = [e for lang in session.data.languages for e in session.data.eval if e.lang == lang]
-    examples = [e for i, e in enumerate(examples) if i % 2 == 0][:6]
-    batch = collate(examples, session.tokenizer.pad_token_id, session.data.languages)
-    logits = session.engine.forward_logits(batch)
-    state = session.engine.full_state_dict()
-    torch.save(
-        {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "langs": [session.data.languages[i] for i in batch.lang_ids.tolist()],
-            "logits": logits,
-            "state": {k: v.detach().cpu().clone() for k, v in state.items()},
-        },
-        out,
-    )
+    torch.save(capture(run_dir, with_state=True), out)
 
 
 if __name__ == "__main__":
