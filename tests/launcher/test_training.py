@@ -55,44 +55,48 @@ def test_two_process_zero3_learns_and_partitions(dp2_run):
         assert s["eval_after"][lang] < before, lang
 
 
+# The uninterrupted reference: micro-batch 4 = the global batch, so no accumulation; the
+# accumulation test compares 4 micro-batches of 1 against it.
+STRAIGHT = ("training.steps=6", "training.micro_batch_size=4")
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("straight")
-    proc, run = train(tmp, tiny_model_dir, "straight", "training.steps=6")
+    proc, run = train(tmp, tiny_model_dir, "straight", *STRAIGHT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 
-def test_resume_after_crash_is_bitwise_identical(tmp_path, tiny_model_dir, straight_run):
-    sets = ("training.steps=6", "checkpoint.every=3")
-    proc, run = train(
-        tmp_path, tiny_model_dir, "resumed", *sets, env={"POLYSHIFT_FAIL_AT": "train_step:5"}
-    )
-    assert proc.returncode != 0 and "injected failure at train_step step 5" in proc.stderr
-    assert CheckpointStore(run / "checkpoints", 2).latest() == "step_00000003"
-    proc, run = train(tmp_path, tiny_model_dir, "resumed", *sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-    assert summary(run)["losses"] == summary(straight_run)["losses"]
-    ours, ref = weights(run), weights(straight_run)
-    assert ours.keys() == ref.keys()
-    for key in ref:
-        assert torch.equal(ours[key], ref[key]), key
-
-
-def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, tiny_model_dir, straight_run):
-    sets = ("training.steps=6", "checkpoint.every=2")
+def test_crash_in_save_then_in_step_resumes_bitwise_identical(
+    tmp_path, tiny_model_dir, straight_run
+):
+    """One run dir, two crashes (each launch costs a fresh interpreter): a crash while saving
+    step 4 keeps step 2 and leaves step 4 in staging; the resume from 2 crashes at step 5 after
+    saving 4; the resume from 4 finishes bitwise equal to the uninterrupted run."""
+    sets = (*STRAIGHT, "checkpoint.every=2")
     env = {"POLYSHIFT_FAIL_AT": "checkpoint_commit:4"}
-    proc, run = train(tmp_path, tiny_model_dir, "crashsave", *sets, env=env)
+    proc, run = train(tmp_path, tiny_model_dir, "crashes", *sets, env=env)
     assert proc.returncode != 0 and "injected failure at checkpoint_commit step 4" in proc.stderr
     store = CheckpointStore(run / "checkpoints", 2)
     # Step 4's shards were fully written to staging, but never became a checkpoint.
     assert (store.staging / "step_00000004").is_dir()
     assert store.latest() == "step_00000002"
-    proc, run = train(tmp_path, tiny_model_dir, "crashsave", *sets)
+
+    env = {"POLYSHIFT_FAIL_AT": "train_step:5"}
+    proc, run = train(tmp_path, tiny_model_dir, "crashes", *sets, env=env)
+    assert proc.returncode != 0 and "injected failure at train_step step 5" in proc.stderr
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert store.latest() == "step_00000004"
+
+    proc, run = train(tmp_path, tiny_model_dir, "crashes", *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "at step 2" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     assert summary(run)["losses"] == summary(straight_run)["losses"]
+    ours, ref = weights(run), weights(straight_run)
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(ours[key], ref[key]), key
     assert store.complete_tags() == ["step_00000004", "step_00000006"]  # keep_last=2
     assert not store.staging.exists()
 
@@ -112,19 +116,15 @@ def test_export_loads_in_plain_transformers_with_engine_logits(tmp_path, straigh
     assert meta["method"]["name"] == "sft" and meta["languages"][0] == "en"
 
 
-def test_accumulation_and_checkpointing_match_one_big_batch(tmp_path, tiny_model_dir):
-    """Token-normalised accumulation: micro 2 x 2 steps, with activation checkpointing, equals
-    micro 4 x 1 step up to float rounding."""
-    runs = {}
-    for name, sets in {
-        "big": ("training.micro_batch_size=4",),
-        "accum_ckpt": ("training.micro_batch_size=1", "model.gradient_checkpointing=true"),
-    }.items():
-        proc, runs[name] = train(tmp_path, tiny_model_dir, name, "training.steps=3", *sets)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = summary(runs["big"]), summary(runs["accum_ckpt"])
+def test_accumulation_and_checkpointing_match_one_big_batch(tmp_path, tiny_model_dir, straight_run):
+    """Token-normalised accumulation: micro 1 x 4, with activation checkpointing, equals the
+    straight run's micro 4 x 1 up to float rounding."""
+    sets = (*STRAIGHT, "training.micro_batch_size=1", "model.gradient_checkpointing=true")
+    proc, run = train(tmp_path, tiny_model_dir, "accum_ckpt", *sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = summary(straight_run), summary(run)
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
-    wa, wb = weights(runs["big"]), weights(runs["accum_ckpt"])
+    wa, wb = weights(straight_run), weights(run)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
 
