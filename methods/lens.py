@@ -4,19 +4,25 @@ language-agnostic direction and apart in the language-specific subspace, English
 Specification: docs/methods.md, "Lens specification". Choices made here:
 
 - Representations h are the raw output of the top decoder layer L (before the final norm),
-  mean-pooled over the content tokens of each chat-formatted prompt (no answer tokens).
+  mean-pooled over the tokens of each chat-formatted prompt (no answer tokens).
 - Only layers L-k+1..L train; every other parameter has ``requires_grad=False`` before the
   engine wraps the model (the DeepSpeed engine hands only trainable parameters to ZeRO).
-- theta_0 is a frozen copy of just those k layers, kept outside the model. The reference h0 is
-  computed on the same forward: a pre-hook on layer L-k+1 captures its call (hidden states,
-  rotary embeddings, mask...) — identical to theta_0's because everything below is frozen —
-  and replays it through the frozen copies.
-- The decomposition (agnostic direction a, specific basis M, delta_X) is computed once, at
-  prepare time, from the language means of h over the prompt set (one all-reduce).
+- theta_0's pooled states h0 are computed once, at prepare time, for every prompt of the prompt
+  set (the same pass that gives the language means), and kept as ``[prompts, D]``. Everything
+  below layer L-k+1 is frozen, so h0 of a prompt is a constant of the run: the frozen copy of the
+  top k layers the specification allows would recompute the same values at every step. The
+  table costs prompts x D floats (about 10 MB for 300 prompts at D = 8192) instead of k layers
+  of weights, and it needs no replay: on the megatron engine the top layers may even sit on
+  different pipeline stages. It travels with the method's checkpoint state.
+- The decomposition (agnostic direction a, specific basis M, delta_X) comes from the language
+  means of h0 over the prompt set (one all-reduce).
 - Loss per micro-batch of parallel prompts (English + targets), each term an element mean:
   retain * MSE(h_en, h0_en) + sum_X MSE(P_M(h_X) - P_M(h0_X), w * delta_X)
   + pull * sum_X MSE(P_a(h_en), P_a(h_X)) [+ lm_weight * LM on the loop's batch].
   The loop's batch is not used unless lm_weight > 0.
+
+The math (`pool`, `lens_terms`, `combine`, `directions`) is plain tensor functions, shared with
+the megatron stage (methods/lens_megatron.py); engines only decide where h comes from.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +50,85 @@ from model.layers import decoder_layers, device_of, rank_world, unwrap
 
 META_FILE = "lens.json"
 DIRECTIONS_FILE = "lens_directions.safetensors"
+TERMS = ("retain", "push", "pull")
 
 
-def frozen_copy(layer: nn.Module, config, layer_idx: int) -> nn.Module:
-    """A detached, frozen copy of one decoder layer (full weights even under ZeRO-3).
-
-    Built fresh with the layer's own class (Llama-family signature ``(config, layer_idx)``)
-    rather than deep-copied, so no ZeRO hooks or partition attributes come along.
-    """
-    params = list(layer.parameters())
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    else:
-        gather = nullcontext()
-    with gather:
-        weights = {name: p.data.detach().clone() for name, p in layer.named_parameters()}
-    copy = type(layer)(config, layer_idx)
-    for name, p in copy.named_parameters():
-        p.data = weights[name]
-        p.requires_grad_(False)
-    return copy.eval()
+# -- the math (both engines) ---------------------------------------------------------------
 
 
-def _pool(h: Tensor, mask: Tensor) -> Tensor:
+def pool(h: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``h [B, T, D]`` over the positions of ``mask [B, T]``, in fp32: ``[B, D]``."""
     w = mask.to(device=h.device, dtype=torch.float32)
     return torch.einsum("btd,bt->bd", h.float(), w) / w.sum(1, keepdim=True).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The decomposition of the top layer's language means that the Lens terms use."""
+
+    a: Tensor  # agnostic direction [D]
+    basis: Tensor  # specific basis M [D, r]
+    deltas: Tensor  # delta_X [K, D] (row 0 = the dominant language = 0)
+
+
+def directions(means: Tensor) -> Directions:
+    """a, M and delta_X = P_M(mean h_X) - P_M(mean h_en) from the language means ``[K, D]``."""
+    dec = decompose(means)
+    basis = dec.specific_basis.float()
+    return Directions(
+        agnostic_direction(dec).float(), basis, project(means.float() - means[0].float(), basis)
+    )
+
+
+def language_means(pooled: Tensor, langs: Tensor, num_languages: int) -> Tensor:
+    """Per-language mean of the pooled states ``[P, D]`` (float64 sums): ``[K, D]``."""
+    sums = torch.zeros(num_languages, pooled.shape[1], dtype=torch.float64)
+    counts = torch.zeros(num_languages, 1, dtype=torch.float64)
+    sums.index_add_(0, langs, pooled.double().cpu())
+    counts.index_add_(0, langs, torch.ones(len(langs), 1, dtype=torch.float64))
+    return sums / counts
+
+
+def lens_terms(
+    h_en: Tensor,
+    h0_en: Tensor,
+    h_x: Tensor,
+    h0_x: Tensor,
+    lang: Tensor,
+    found: Directions,
+    push_scale: float,
+) -> dict[str, Tensor]:
+    """The three Lens terms (unweighted) of n parallel prompts: live h and theta_0's h0 ``[n, D]``
+    of the English prompts and of their targets (language ids `lang` ``[n]``)."""
+    device = h_en.device
+    basis, a = found.basis.to(device), found.a.to(device)
+    retain = F.mse_loss(h_en, h0_en)
+    moved = project(h_x, basis) - project(h0_x, basis)
+    push_each = (moved - push_scale * found.deltas.to(device)[lang]).pow(2).mean(-1)
+    pull_each = (project_direction(h_en, a) - project_direction(h_x, a)).pow(2).mean(-1)
+    push = h_en.new_zeros(())
+    pull = h_en.new_zeros(())
+    for k in lang.unique():  # sum over languages of the per-language mean
+        sel = lang == k
+        push = push + push_each[sel].mean()
+        pull = pull + pull_each[sel].mean()
+    return {"retain": retain, "push": push, "pull": pull}
+
+
+def combine(cfg, terms: dict[str, Any], lm: Any = None) -> Any:
+    """retain * retain + push + pull * pull [+ lm_weight * LM]: tensors or floats."""
+    total = cfg.retain * terms["retain"] + terms["push"] + cfg.pull * terms["pull"]
+    return total if lm is None else total + cfg.lm_weight * lm
+
+
+def trained_range(n_layers: int, top_k: int) -> range:
+    """The 1-based decoder layers Lens trains (a UserError when k does not fit)."""
+    if top_k >= n_layers:
+        raise UserError(f"method.top_k: {top_k} must be below the backbone's {n_layers} layers")
+    return range(n_layers - top_k + 1, n_layers + 1)
+
+
+# -- the method ----------------------------------------------------------------------------
 
 
 class Lens(Method):
@@ -108,175 +166,168 @@ class Lens(Method):
         self.system_prompt = system_prompt
         self.seed = seed
         self.calls = 0
-        self.frozen: list[nn.Module] = []
+        self._index_prompts()
         self.first = 0  # first trained layer (1-based)
         self.n_layers = 0
-        self.a: Tensor | None = None  # agnostic direction [D]
-        self.basis: Tensor | None = None  # specific basis M [D, r]
-        self.deltas: Tensor | None = None  # delta_X [K, D] (row 0 = English = 0)
+        self.found: Directions | None = None
+        self.reference: Tensor | None = None  # theta_0's pooled top-layer states [P, D]
+
+    def _index_prompts(self) -> None:
+        """Every distinct (language, text) prompt once; each pair points at its two prompts."""
+        index: dict[tuple[int, str], int] = {}
+        self.prompt_langs: list[int] = []
+        self.prompt_texts: list[str] = []
+
+        def add(lang: int, text: str) -> int:
+            if (lang, text) not in index:
+                index[(lang, text)] = len(self.prompt_texts)
+                self.prompt_langs.append(lang)
+                self.prompt_texts.append(text)
+            return index[(lang, text)]
+
+        self.pair_prompts = [
+            (add(0, p.en), add(self.lang_index[p.lang], p.target)) for p in self.pairs
+        ]
 
     # -- wiring ---------------------------------------------------------------------------
 
+    def set_depth(self, n_layers: int) -> range:
+        """Learn the backbone's depth; returns the trained layers."""
+        trained = trained_range(n_layers, self.cfg.top_k)
+        self.n_layers, self.first = n_layers, trained.start
+        return trained
+
     def attach(self, model: nn.Module) -> None:
         layers = decoder_layers(model)
-        self.n_layers, k = len(layers), self.cfg.top_k
-        if k >= self.n_layers:
-            raise UserError(
-                f"method.top_k: {k} must be below the backbone's {self.n_layers} layers"
-            )
-        self.first = self.n_layers - k + 1
+        trained = self.set_depth(len(layers))
         for p in model.parameters():
             p.requires_grad_(False)
-        for layer in layers[self.first - 1 :]:
-            for p in layer.parameters():
+        for number in trained:
+            for p in layers[number - 1].parameters():
                 p.requires_grad_(True)
-        self.frozen = [
-            frozen_copy(layers[i - 1], model.config, i - 1)
-            for i in range(self.first, self.n_layers + 1)
-        ]
 
     def trained_layers(self) -> list[int]:
         return list(range(self.first, self.n_layers + 1))
 
-    # -- forward --------------------------------------------------------------------------
+    # -- prompts --------------------------------------------------------------------------
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        ids = chat_prompt_ids(self.tokenizer, text, self.system_prompt)
+    def prompt_ids(self, index: int) -> list[int]:
+        ids = chat_prompt_ids(self.tokenizer, self.prompt_texts[index], self.system_prompt)
         return ids[-self.cfg.prompts.max_length :]  # keep the end: it holds the generation cue
 
-    def top_states(
-        self, model: nn.Module, ids: Tensor, mask: Tensor, reference: bool = True
-    ) -> tuple[Tensor, Tensor | None]:
-        """Pooled top-layer states of the live model and (optionally) of theta_0, ``[B, D]``."""
+    def prompt_batches(self, batch_size: int) -> list[list[int]]:
+        """Prompt indices in batches for the prepare pass (the same on every engine)."""
+        n = len(self.prompt_texts)
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+    def pair_batch(self, rank: int, world: int) -> list[int]:
+        """Indices into `pairs` of the next micro-batch of this data-parallel rank."""
+        rng = random.Random(self.seed * 1_000_003 + self.calls * world + rank)
+        self.calls += 1
+        size = min(self.cfg.prompts.batch_size, len(self.pairs))
+        return rng.sample(range(len(self.pairs)), size)
+
+    def pair_rows(self, pairs: Sequence[int]) -> tuple[list[int], Tensor]:
+        """Prompt indices of n pairs (n English, then n targets) and the targets' language ids."""
+        en = [self.pair_prompts[i][0] for i in pairs]
+        targets = [self.pair_prompts[i][1] for i in pairs]
+        langs = torch.tensor([self.prompt_langs[i] for i in targets], dtype=torch.long)
+        return en + targets, langs
+
+    # -- forward (Hugging Face) -----------------------------------------------------------
+
+    def top_states(self, model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+        """Pooled top-layer states of the model, ``[B, D]``."""
         stack = decoder_layers(unwrap(model))
         cap: dict[str, Any] = {}
-
-        def before(module, args, kwargs):
-            cap["call"] = (args, kwargs)
 
         def after(module, args, output):
             cap["out"] = output[0] if isinstance(output, tuple) else output
 
-        handles = [stack[self.n_layers - 1].register_forward_hook(after)]
-        if reference:
-            handles.append(
-                stack[self.first - 1].register_forward_pre_hook(before, with_kwargs=True)
-            )
+        handle = stack[len(stack) - 1].register_forward_hook(after)
         try:
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         finally:
-            for handle in handles:
-                handle.remove()
-        h = _pool(cap["out"], mask)
-        if not reference:
-            return h, None
-        args, kwargs = cap["call"]
-        kwargs = dict(kwargs)
-        x = args[0] if args else kwargs.pop("hidden_states")
-        with torch.no_grad():
-            x = x.detach()
-            for layer in self.frozen:
-                layer.to(x.device)
-                out = layer(x, *args[1:], **kwargs)
-                x = out[0] if isinstance(out, tuple) else out
-        return h, _pool(x, mask)
+            handle.remove()
+        return pool(cap["out"], mask)
 
-    # -- decomposition --------------------------------------------------------------------
+    # -- reference states and decomposition -----------------------------------------------
 
     def prepare(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> None:
-        """Language means of theta_0's pooled top-layer states over the prompt set -> a, M,
+        """theta_0's pooled top-layer states of every prompt -> the reference table, a, M,
         delta_X. Each rank a share of the batches, equal forwards, one all-reduce."""
         rank, world = rank_world()
         device = device_of(model)
-        seqs: list[tuple[int, list[int]]] = []
-        seen: set[str] = set()
-        for p in self.pairs:
-            if p.en not in seen:
-                seen.add(p.en)
-                seqs.append((0, self._prompt_ids(p.en)))
-            seqs.append((self.lang_index[p.lang], self._prompt_ids(p.target)))
-        batches = [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
         hidden = unwrap(model).config.hidden_size
-        sums = torch.zeros(len(self.languages), hidden + 1, dtype=torch.float64, device=device)
+        pooled = torch.zeros(len(self.prompt_texts), hidden, dtype=torch.float32, device=device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for group, filler in even_rounds(batches, rank, world):
-                ids, mask = right_pad([s for _, s in group], self.tokenizer.pad_token_id)
-                ids, mask = ids.to(device), mask.to(device)
-                h, _ = self.top_states(model, ids, mask, reference=False)
+            for group, filler in even_rounds(self.prompt_batches(batch_size), rank, world):
+                ids, mask = right_pad(
+                    [self.prompt_ids(i) for i in group], self.tokenizer.pad_token_id
+                )
+                h = self.top_states(model, ids.to(device), mask.to(device))
                 if not filler:
-                    lang = torch.tensor([k for k, _ in group], device=device)
-                    sums[:, :hidden].index_add_(0, lang, h.double())
-                    sums[:, hidden].index_add_(0, lang, torch.ones_like(lang, dtype=sums.dtype))
+                    pooled[group] = h
         model.train(was_training)
         if world > 1:
-            torch.distributed.all_reduce(sums)
-        means = (sums[:, :hidden] / sums[:, hidden:]).cpu()
-        self._set_directions(means)
+            torch.distributed.all_reduce(pooled)
+        self.set_reference(pooled.cpu())
 
-    def _set_directions(self, means: Tensor) -> None:
-        dec = decompose(means)
-        self.a = agnostic_direction(dec).float()
-        self.basis = dec.specific_basis.float()
-        self.deltas = project(means.float() - means[0].float(), self.basis)
+    def set_reference(self, pooled: Tensor) -> None:
+        """The reference table ``[P, D]`` and the directions from its language means."""
+        langs = torch.tensor(self.prompt_langs, dtype=torch.long)
+        self.reference = pooled.float().cpu()
+        self.found = directions(language_means(self.reference, langs, len(self.languages)))
 
     # -- training -------------------------------------------------------------------------
 
-    def _pair_batch(self) -> list[Pair]:
-        rank, world = rank_world()
-        rng = random.Random(self.seed * 1_000_003 + self.calls * world + rank)
-        self.calls += 1
-        size = min(self.cfg.prompts.batch_size, len(self.pairs))
-        return [self.pairs[i] for i in rng.sample(range(len(self.pairs)), size)]
-
     def lens_losses(self, model: nn.Module) -> dict[str, Tensor]:
         """The three Lens terms (unweighted) on a fresh batch of parallel prompts."""
-        pairs = self._pair_batch()
+        rank, world = rank_world()
+        prompts, langs = self.pair_rows(self.pair_batch(rank, world))
         device = device_of(model)
-        seqs = [self._prompt_ids(p.en) for p in pairs] + [self._prompt_ids(p.target) for p in pairs]
-        ids, mask = right_pad(seqs, self.tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        h, h0 = self.top_states(model, ids, mask)
-        n = len(pairs)
-        lang = torch.tensor([self.lang_index[p.lang] for p in pairs], device=device)
-        basis, a = self.basis.to(device), self.a.to(device)
-        retain = F.mse_loss(h[:n], h0[:n])
-        moved = project(h[n:], basis) - project(h0[n:], basis)
-        push_each = (moved - self.cfg.push_scale * self.deltas.to(device)[lang]).pow(2).mean(-1)
-        pull_each = (project_direction(h[:n], a) - project_direction(h[n:], a)).pow(2).mean(-1)
-        push = h.new_zeros(())
-        pull = h.new_zeros(())
-        for k in lang.unique():  # sum over languages of the per-language mean
-            sel = lang == k
-            push = push + push_each[sel].mean()
-            pull = pull + pull_each[sel].mean()
-        return {"retain": retain, "push": push, "pull": pull}
+        ids, mask = right_pad([self.prompt_ids(i) for i in prompts], self.tokenizer.pad_token_id)
+        h = self.top_states(model, ids.to(device), mask.to(device))
+        h0 = self.reference[prompts].to(device)
+        n = len(prompts) // 2
+        return lens_terms(
+            h[:n], h0[:n], h[n:], h0[n:], langs.to(device), self.found, self.cfg.push_scale
+        )
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         terms = self.lens_losses(model)
-        total = self.cfg.retain * terms["retain"] + terms["push"] + self.cfg.pull * terms["pull"]
         metrics = {f"loss_{k}": v.item() for k, v in terms.items()}
+        lm = None
         if self.cfg.lm_weight > 0:
             lm = lm_loss(self.logits(model, batch), batch)
-            total = total + self.cfg.lm_weight * lm
             metrics["loss_lm"] = lm.item()
-        return total, metrics
+        return combine(self.cfg, terms, lm), metrics
 
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        found = self.found
         return {
             "calls": self.calls,
-            "a": self.a,
-            "basis": self.basis,
-            "deltas": self.deltas,
+            "a": None if found is None else found.a,
+            "basis": None if found is None else found.basis,
+            "deltas": None if found is None else found.deltas,
+            "reference": self.reference,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state.get("calls", 0)
-        if state.get("a") is not None:
-            self.a, self.basis, self.deltas = state["a"], state["basis"], state["deltas"]
+        if state.get("a") is None:
+            return
+        if state.get("reference") is None:
+            raise UserError(
+                "checkpoint.resume: this Lens checkpoint predates the reference-state table "
+                "(theta_0's pooled states); start the run again without resuming"
+            )
+        self.found = Directions(state["a"], state["basis"], state["deltas"])
+        self.reference = state["reference"]
 
     def export(self, directory: Path) -> None:
         directory = Path(directory)
@@ -289,12 +340,12 @@ class Lens(Method):
             "representation": "raw output of the top decoder layer, mean over prompt tokens",
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
-        if self.a is not None:
+        if self.found is not None:
             save_file(
                 {
-                    "agnostic_direction": self.a.contiguous(),
-                    "specific_basis": self.basis.contiguous(),
-                    "deltas": self.deltas.contiguous(),
+                    "agnostic_direction": self.found.a.contiguous(),
+                    "specific_basis": self.found.basis.contiguous(),
+                    "deltas": self.found.deltas.contiguous(),
                 },
                 str(directory / DIRECTIONS_FILE),
             )

@@ -109,6 +109,24 @@ def _build_lens(recipe, data, tokenizer) -> Method:
     return Lens(recipe.method, **common, system_prompt=recipe.data.system_prompt)
 
 
+def _lens_stage() -> type[MegatronStage]:
+    from methods.lens_megatron import LensStage
+
+    return LensStage
+
+
+def _lens_recipe_errors(section: LensMethod, recipe) -> list[str]:
+    # megatron-core's recomputation is reentrant: a recomputed layer whose input needs no
+    # gradient (the frozen layers' output) gets none for its weights (measured: grad norm 0).
+    if recipe.parallel.engine == "megatron" and recipe.model.gradient_checkpointing:
+        return [
+            "model.gradient_checkpointing: Lens on the megatron engine does not support it "
+            "(megatron's reentrant recomputation gives no gradient to a layer whose input comes "
+            "from frozen layers); set it to false: only the top k layers keep activations"
+        ]
+    return []
+
+
 def _lens_backbone_errors(section: LensMethod, layers: int) -> list[str]:
     if section.top_k < layers:
         return []
@@ -130,9 +148,10 @@ METHODS: dict[str, MethodEntry] = {
         "lens",
         LensMethod,
         _build_lens,
-        megatron=None,
+        megatron=_lens_stage,
+        recipe_errors=_lens_recipe_errors,
         backbone_errors=_lens_backbone_errors,
-        lora=False,  # trains whole top layers against a frozen copy of them
+        lora=False,  # trains whole top layers against theta_0's states
     ),
 }
 

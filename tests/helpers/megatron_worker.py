@@ -13,6 +13,8 @@ checkpoint), recording each step's loss, metrics, gradient norm and the vocabula
 the logits the training loss was handed in ``steps.json`` and the
 weights after the last step in ``export/``: what layout parity tests compare, at a fraction of
 a full run's cost.
+``export_method``: with ``steps``, the export also holds the method's files (the loop's
+`export_model`); ``steps`` also runs a DeepSpeed recipe (one process: a reference).
 ``exit_like_launcher``: after training, leave as `launcher/worker.py` does (no collective after
 `run_training`), so the job must be the last; ``slow_upload_s``: rank 0's MLflow model upload
 first sleeps that long. With ``GROUP_TIMEOUT_S`` (third argument) the gloo group gets that
@@ -49,10 +51,11 @@ def _close() -> None:
     ps.destroy_model_parallel()
 
 
-def run_steps(recipe, run_dir: Path) -> None:
-    """The training loop's batches and learning rates through `train_step`, nothing else."""
+def run_steps(recipe, run_dir: Path, export_method: bool = False) -> None:
+    """The training loop's batches and learning rates through `train_step`, nothing else
+    (``export_method``: the export also holds the method's files, as the loop writes them)."""
     from data.batching import GlobalBatchStream
-    from launcher.loop import lr_at, micro_batches
+    from launcher.loop import export_model, lr_at, micro_batches
 
     session = open_session(recipe, run_dir)
     t = recipe.training
@@ -64,19 +67,24 @@ def run_steps(recipe, run_dir: Path) -> None:
         session.state.position,
     )
     engine, widths = session.engine, []
-    real_loss = engine._train_loss
+    real_loss = getattr(engine, "_train_loss", None)  # megatron only (a DeepSpeed reference)
 
     def train_loss(feed, logits):  # what the training loss is handed, per micro-batch
         widths.append(logits.shape[-1])
         return real_loss(feed, logits)
 
-    engine._train_loss = train_loss
+    if real_loss is not None:
+        engine._train_loss = train_loss
     steps = []
     for step in range(t.steps):
         result = engine.train_step(micro_batches(session, stream.next()), lr_at(step, recipe))
         steps.append({"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics})
-        steps[-1]["loss_logits_width"] = max(widths)
-    session.engine.export(run_dir / "export")
+        steps[-1]["loss_logits_width"] = max(widths, default=None)
+    if export_method:
+        s = session
+        export_model(engine, s.tokenizer, recipe, s.data.languages, run_dir / "export", s.ctx)
+    else:
+        session.engine.export(run_dir / "export")
     if dist.get_rank() == 0:
         (run_dir / "steps.json").write_text(json.dumps(steps))
     _close()
@@ -120,7 +128,7 @@ def run_job(job: dict, out: Path) -> None:
             run_training(staged, run_dir)  # writes run_dir/summary.json
             _close()
     if job.get("steps"):
-        run_steps(recipe, run_dir)
+        run_steps(recipe, run_dir, export_method=job.get("export_method", False))
     if not (job.get("logits") or job.get("export_untrained") or job.get("generate")):
         return
     session = open_session(recipe, run_dir)

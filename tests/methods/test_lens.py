@@ -75,16 +75,18 @@ def test_english_kept_and_agnostic_gap_shrinks(lens_run, tiny_model_dir):
     method.prepare(ref, data.train, batch_size=8)
     edited = _model(lens_run / "export")
     pairs = method.pairs
-    seqs = [method._prompt_ids(p.en) for p in pairs] + [method._prompt_ids(p.target) for p in pairs]
-    ids, mask = right_pad(seqs, method.tokenizer.pad_token_id)
+    prompts, _ = method.pair_rows(range(len(pairs)))
+    ids, mask = right_pad([method.prompt_ids(i) for i in prompts], method.tokenizer.pad_token_id)
     with torch.no_grad():
-        h0, _ = method.top_states(ref, ids, mask, reference=False)
-        h1, _ = method.top_states(edited, ids, mask, reference=False)
+        h0 = method.top_states(ref, ids, mask)
+        h1 = method.top_states(edited, ids, mask)
+    # The reference table (theta_0's pooled states, from `prepare`) is what h0 recomputes.
+    torch.testing.assert_close(method.reference[prompts], h0, rtol=1e-5, atol=1e-5)
     n = len(pairs)
     drift = (h1[:n] - h0[:n]).norm(dim=-1) / h0[:n].norm(dim=-1)
     assert float(drift.mean()) < ENGLISH_TOLERANCE, drift
 
-    a = method.a
+    a = method.found.a
 
     def gap(h):  # |a . (h_en - h_X)| per pair: the agnostic-direction gap
         return ((h[:n] - h[n:]) @ a).abs()

@@ -48,7 +48,6 @@ def _recipe(tmp_path, model_dir, method, engine="megatron") -> Recipe:
 @pytest.mark.parametrize(
     ("method", "message"),
     [
-        ({"name": "lens"}, "method.name: lens runs on the deepspeed engine only (parallel.engine)"),
         (
             {"name": "shifcon", "band": [1, 3], "shift_positions": "prompt"},
             "method.shift_positions: prompt needs the deepspeed engine (the megatron stage "
@@ -70,10 +69,14 @@ def test_methods_name_what_the_megatron_engine_cannot_run(tmp_path, tiny_model_d
     assert not (tmp_path / "runs").exists()
 
 
-def test_megatron_stages_come_from_the_registry() -> None:
+def test_megatron_stages_come_from_the_registry(tmp_path, tiny_model_dir) -> None:
+    from methods.lens_megatron import LensStage
+
     assert megatron_stage_class("sft") is MegatronStage
-    with pytest.raises(UserError, match="method.name: lens runs on the deepspeed engine only"):
-        megatron_stage_class("lens")
+    assert megatron_stage_class("lens") is LensStage
+    assert recipe_errors(_recipe(tmp_path, tiny_model_dir, {"name": "lens"})) == []
+    with pytest.raises(UserError, match="method.name: no implementation for 'x'"):
+        megatron_stage_class("x")
 
 
 def test_backbone_misfits_are_field_errors(tmp_path, tiny_model_dir) -> None:
