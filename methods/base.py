@@ -128,6 +128,12 @@ class MegatronStage:
         """(input_ids, context) of training micro-batch `micro`; extra rows go after the LM rows."""
         return batch.input_ids, None
 
+    def side_rows(self, micro: int) -> tuple[Tensor, Tensor | None] | None:
+        """(input_ids, context) of the method's own rows for training micro-batch `micro`, run
+        as a micro-batch of their own right after it (at their own width, no LM loss), or
+        None. Rows that leave the batch part-way then cost their own width, not the LM's."""
+        return None
+
     def eval_context(self, batch: Batch) -> Tensor | None:
         """Context of an evaluation batch (the method's forward at inference)."""
         return None

@@ -160,6 +160,7 @@ class MegatronEngine(Engine):
                 self.device_scope,
                 seq_multiple=self.tp if p.sequence_parallel else 1,
             )
+        self._lm_scale = 1.0  # see `_train_loss`
         self.config = {
             "engine": "megatron",
             **summary(self.shape, self.tp, self.pp, self.dp_size),
@@ -241,14 +242,31 @@ class MegatronEngine(Engine):
         return ps.get_data_parallel_world_size()
 
     def _train_loss(self, feed: Feed, logits: Tensor):
-        """Vocab-parallel: `logits` is this TP rank's ``[B, W, V/TP]`` slice, never gathered."""
+        """Vocab-parallel: `logits` is this TP rank's ``[B, W, V/TP]`` slice, never gathered.
+
+        The schedule divides every loss by its number of micro-batches, side rows' included:
+        `_lm_scale` (their count over the LM micro-batches') gives the LM term its share back.
+        A side micro-batch has no LM loss (a zero that keeps the backward's graph)."""
+        if feed.batch is None:
+            return logits.sum() * 0.0, {}
         lm = vocab_parallel_lm_loss(logits, feed.batch, self.shape.vocab)
-        return self.stage.lm_term(lm), {"loss_lm": lm.detach()}
+        return self.stage.lm_term(lm) * self._lm_scale, {"loss_lm": lm.detach()}
+
+    def _train_feeds(self, micro_batches: Sequence[Batch]) -> list[Feed]:
+        """Each LM micro-batch, then the method's side rows for it (if any)."""
+        feeds = []
+        for i, mb in enumerate(micro_batches):
+            feeds.append(Feed(*self.stage.train_rows(mb, i), mb))
+            side = self.stage.side_rows(i)
+            if side is not None:
+                feeds.append(Feed(*side, None))
+        self._lm_scale = len(feeds) / len(micro_batches)
+        return feeds
 
     def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepResult:
         n = len(micro_batches)
         self.stage.begin_step(n)
-        feeds = [Feed(*self.stage.train_rows(mb, i), mb) for i, mb in enumerate(micro_batches)]
+        feeds = self._train_feeds(micro_batches)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -267,7 +285,7 @@ class MegatronEngine(Engine):
         values = torch.zeros(1 + len(extra), dtype=torch.float64)
         if self.tp_rank == 0:
             if self.pp_rank == self.pp - 1:
-                values[0] = sum(float(o["loss_lm"]) for o in outputs)
+                values[0] = sum(float(o["loss_lm"]) for o in outputs if "loss_lm" in o)
             values[1:] = extra
         dist.all_reduce(values)
         values /= n * self.dp_size

@@ -202,21 +202,26 @@ def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) ->
     whose DotProductAttention is unfused (scores materialised, softmax in fp32: 2 bytes per
     score more than the 16-bit eager figure), whatever the recipe's `attn_implementation`
     (a Hugging Face setting); logits split over TP for the vocab-parallel loss; a method's
-    extra rows ride in the LM micro-batch, right-padded to its width (ShifCon's pair rows)."""
+    extra rows (ShifCon's pair rows) at their own width on both engines (megatron: a
+    micro-batch of their own)."""
     megatron = layout.engine == "megatron"
     eager = work.eager_attention or megatron
-    outside, inside = arch.activation_parts(eager, work.seq)
-    if megatron:
-        inside += 2.0 * arch.heads * work.seq  # the fp32 softmax output beside 16-bit scores
     tp = layout.tp if megatron else 1
     sp = tp if (megatron and layout.sequence_parallel) else 1
-    per_tok = outside / sp + inside / tp  # one layer, one token, on this GPU
+
+    def token_bytes(seq: int) -> float:  # one layer, one token of a `seq`-long row, this GPU
+        outside, inside = arch.activation_parts(eager, seq)
+        if megatron:
+            inside += 2.0 * arch.heads * seq  # the fp32 softmax output beside 16-bit scores
+        return outside / sp + inside / tp
+
+    per_tok = token_bytes(work.seq)
     kept = 2 * arch.hidden / sp  # a checkpointed layer's saved input
     # First pipeline stage: L/PP layers for each of `in_flight` micro-batches (1F1B).
     stage_layers = arch.layers / layout.pp if megatron else arch.layers
     in_flight = layout.in_flight if megatron else 1
 
-    def stack(layers: float, tokens: int, copies: int) -> float:
+    def stack(layers: float, tokens: int, copies: int, per_tok: float = per_tok) -> float:
         if work.checkpointing:  # saved inputs of every copy + one layer recomputed at a time
             return layers * kept * tokens * copies + per_tok * tokens
         return layers * per_tok * tokens * copies
@@ -226,10 +231,9 @@ def activations(arch: Arch, layout: Layout, work: Workload, micro_batch: int) ->
     out["logits (16-bit + fp32 + grad)"] = tokens * arch.vocab * 10 / tp
     extra = work.extra
     if extra is not None and extra.sequences:
-        width = max(extra.seq_len, work.seq) if megatron else extra.seq_len
-        extra_tokens = width * extra.sequences  # one such batch per micro-batch
+        extra_tokens = extra.seq_len * extra.sequences  # one such batch per micro-batch
         depth = min(extra.depth, stage_layers)  # the layers they pass that live on this stage
-        out[extra.label] = stack(depth, extra_tokens, in_flight)
+        out[extra.label] = stack(depth, extra_tokens, in_flight, token_bytes(extra.seq_len))
     return out
 
 

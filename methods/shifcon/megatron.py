@@ -14,10 +14,13 @@ generic `MegatronStage` hooks (methods/base.py): the engine never reads ShifCon'
   every layer and into activation recomputation, and GPT layer specs have no cross-attention
   that would read it. The shift is therefore a pure function of the layer's
   inputs, and recomputation sees the same shift.
-- The contrastive pairs ride in the same micro-batch as the LM rows (role anchor/target), so
-  the standard pipeline schedules run unchanged. Pair rows are never shifted and leave the
-  batch after layer b-1 (after b in running mode): layers above the band do no work for them,
-  and stages exchange the smaller activation (variable_seq_lengths).
+- The contrastive pairs of micro-batch i are a micro-batch of their own (role anchor/target,
+  `side_rows`), right after LM micro-batch i in the same schedule, at the pairs' own width
+  (padding them to the LM width cost 2.7x-4.2x in layers 1..b-1: docs/performance.md). Pair
+  rows are never shifted and leave the batch after layer b-1 (after b in running mode): the
+  layers above it run one placeholder row of the pairs' width (megatron's attention cannot
+  take an empty batch; its loss is zero), and stages exchange the smaller activation
+  (variable_seq_lengths).
 - On each stage that owns band layers l in [f, b), the per-layer InfoNCE is attached to the
   layer output as an auxiliary loss (`AttachAuxLoss`, the pattern megatron-core uses for MoE
   load balancing): it enters that stage's backward pass with no change to the schedule.
@@ -61,7 +64,7 @@ from methods.shifcon.probe import ProbeResult, ProbeSums
 
 # Row roles (context column 0). Vector samples (ROLE_PROBE) and layer-probe sequences
 # (ROLE_LAYER_PROBE) carry their global sample / sequence index in column 3.
-ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE, ROLE_LAYER_PROBE = 0, 1, 2, 3, 4
+ROLE_LM, ROLE_ANCHOR, ROLE_TARGET, ROLE_PROBE, ROLE_LAYER_PROBE, ROLE_PAD = 0, 1, 2, 3, 4, 5
 PAIR_ROLES = (ROLE_ANCHOR, ROLE_TARGET)
 
 
@@ -113,10 +116,6 @@ def pooled_span(method: ShifCon, batch: Batch) -> tuple[Tensor, Tensor]:
     if batch.spans is None:
         return torch.ones_like(lengths), lengths
     return batch.spans[:, 0], torch.minimum(batch.spans[:, 1], lengths)
-
-
-def _pad_to(t: Tensor, width: int, value: int) -> Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
 class ShifConStage(MegatronStage):
@@ -175,7 +174,7 @@ class ShifConStage(MegatronStage):
     def block_context(self, context: Tensor) -> Tensor:
         """Pair rows have left the batch before a stage that starts above the drop layer."""
         if self.stage_layers.start > self.drop_after:
-            return context[~_is_pair(context[:, 0])]
+            return _rows_after_drop(context)[1]
         return context
 
     # -- inputs -----------------------------------------------------------------------------
@@ -187,27 +186,24 @@ class ShifConStage(MegatronStage):
         return self.lm_rows(batch, 0)
 
     def train_rows(self, batch: Batch, micro: int) -> tuple[Tensor, Tensor]:
-        """LM rows then 2n contrastive rows (n English, n targets), right-padded together."""
+        return batch.input_ids, self.lm_rows(batch, micro)
+
+    def side_rows(self, micro: int) -> tuple[Tensor, Tensor]:
+        """Micro-batch `micro`'s 2n contrastive rows (n English, n targets), at their width."""
         m = self.method
         pairs = m.next_pairs(self.where.dp_rank, self.where.dp_size)
         pair_batch, pair_langs = pad_pairs(
             pairs, m.tokenizer, m.cfg.pairs.max_length, m.lang_index, m.dominant
         )
         n = len(pairs)
-        width = max(batch.input_ids.shape[1], pair_batch.input_ids.shape[1])
-        pad = m.tokenizer.pad_token_id
-        ids = torch.cat(
-            [_pad_to(batch.input_ids, width, pad), _pad_to(pair_batch.input_ids, width, pad)]
-        )
         starts, ends = pooled_span(m, pair_batch)
         context = torch.cat(
             [
-                self.lm_rows(batch, micro),
                 row_context(ROLE_ANCHOR, pair_langs[:n], ends[:n], micro, starts[:n]),
                 row_context(ROLE_TARGET, pair_langs[n:], ends[n:], micro, starts[n:]),
             ]
         )
-        return ids, context
+        return pair_batch.input_ids, context
 
     # -- the layer hook ---------------------------------------------------------------------
 
@@ -228,15 +224,15 @@ class ShifConStage(MegatronStage):
             ids = torch.where(roles == ROLE_LM, langs, torch.full_like(langs, self.method.dominant))
             hidden = self._shift(number, hidden, ids, stats)
         if number == self.drop_after and bool(_is_pair(roles).any()):
-            keep = ~_is_pair(roles)
+            keep, context = _rows_after_drop(context)
             hidden = hidden[:, keep].contiguous()
-            context = context[keep]
         return hidden, context
 
     def _stats_for(self, context: Tensor) -> LanguageStats | None:
         """The statistics this forward uses: running vectors as they stood after the
-        micro-batches before this one (see the module docstring)."""
-        if not (self.running and torch.is_grad_enabled() and bool(_is_pair(context[:, 0]).any())):
+        micro-batches before this one (see the module docstring), for micro-batch i's LM rows
+        and its pair rows alike."""
+        if not (self.running and torch.is_grad_enabled() and context.shape[0] > 0):
             return self.stats
         micro = int(context[0, 3])
         if micro not in self._used:  # this micro-batch's first forward on this stage
@@ -511,6 +507,19 @@ def merge_stage_stats(parts: Sequence[dict | None], languages: Sequence[str]) ->
 
 def _is_pair(roles: Tensor) -> Tensor:
     return (roles == ROLE_ANCHOR) | (roles == ROLE_TARGET)
+
+
+def _rows_after_drop(context: Tensor) -> tuple[Tensor, Tensor]:
+    """(which rows, their context) above the drop layer. A micro-batch of pair rows only keeps
+    its first row as a placeholder (ROLE_PAD: no layer reads it, its loss is zero), since
+    megatron's attention cannot take an empty batch."""
+    keep = ~_is_pair(context[:, 0])
+    if bool(keep.any()):
+        return keep, context[keep]
+    keep[0] = True
+    kept = context[keep].clone()
+    kept[:, 0] = ROLE_PAD
+    return keep, kept
 
 
 def _content_mask(context: Tensor, width: int) -> Tensor:

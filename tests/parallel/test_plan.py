@@ -108,10 +108,12 @@ def test_megatron_states_and_activation_split() -> None:
     lay.sequence_parallel = True
     sp_layers = activations(a, lay, work, 1)["decoder layers"]
     assert sp_layers == pytest.approx(2 * (outside + inside) / 2 * 4)
-    # A method's extra rows are right-padded to the LM width on megatron, not on DeepSpeed.
+    # A method's extra rows are at their own width on both engines (megatron: own micro-batch).
     extra = ExtraActivations("pairs", sequences=2, seq_len=2, depth=1)
     wide = Workload(seq=4, micro_batch=1, checkpointing=False, extra=extra)
-    assert activations(a, lay, wide, 1)["pairs"] == pytest.approx((outside + inside) / 2 * 2 * 4)
+    pair_out, pair_in = a.activation_parts(eager_attention=True, seq=2)
+    pair_in += 2 * a.heads * 2
+    assert activations(a, lay, wide, 1)["pairs"] == pytest.approx((pair_out + pair_in) / 2 * 2 * 2)
     ds = Layout("deepspeed", 8)
     ds_parts = a.activation_parts(eager_attention=False, seq=4)
     assert activations(a, ds, wide, 1)["pairs"] == pytest.approx(sum(ds_parts) * 2 * 2)
