@@ -67,6 +67,41 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 
+def _per_layer_keys_(state: dict[str, Any]) -> None:
+    """Key the optimizer state of stacked decoder-layer tensors per layer, in place.
+
+    megatron checkpoints a weight of every layer as one tensor with a leading layer axis, and
+    torch's checkpoint planner requires the saved shards to fill each tensor. A method that
+    trains only some layers (Lens) has optimizer state for those only: keyed per (global)
+    layer, every key is whole again, and still independent of the pipeline layout."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def per_layer(value):
+        if isinstance(value, ShardedTensorFactory):  # e.g. SwiGLU's fc1 (two halves): its parts
+            build = value.build_fn
+
+            def built(*args, _build=build):
+                return dict_list_map_inplace(per_layer, _build(*args))
+
+            return replace(value, build_fn=built)
+        n = getattr(value, "prepend_axis_num", 0)
+        if not isinstance(value, ShardedTensor) or n == 0 or value.flattened_range is not None:
+            return value
+        fragments = value.axis_fragmentations
+        return replace(
+            value,
+            key=value.key + "/layer" + "_".join(str(o) for o in value.global_offset[:n]),
+            global_shape=(1,) * n + tuple(value.global_shape[n:]),
+            global_offset=(0,) * n + tuple(value.global_offset[n:]),
+            axis_fragmentations=None if fragments is None else (1,) * n + tuple(fragments[n:]),
+        )
+
+    dict_list_map_inplace(per_layer, state)
+
+
 class MegatronEngine(Engine):
     def __init__(
         self, recipe: Recipe, ctx: DistContext, backbone: ResolvedBackbone, method: Method
@@ -410,12 +445,12 @@ class MegatronEngine(Engine):
         # (KeyError 'step', measured on CPU). "dp_reshardable": fully parallel, reloads into
         # another DP size but not another TP/PP.
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
-        return {
-            "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(
-                model_state, is_loading=loading, metadata=metadata
-            ),
-        }
+        optimizer = self.optimizer.sharded_state_dict(
+            model_state, is_loading=loading, metadata=metadata
+        )
+        if not all(p.requires_grad for p in self.model.module.parameters()):
+            _per_layer_keys_(optimizer)
+        return {"model": model_state, "optimizer": optimizer}
 
     def _materialise_optimizer_state(self) -> None:
         """The distributed optimizer describes its state for loading from the live torch Adam
