@@ -4,7 +4,7 @@ resuming on another world size through a DeepSpeed universal checkpoint.
 
 One job carries both failures, because every Ray Train attempt costs the start of fresh worker
 processes (torch, DeepSpeed, transformers imports): seconds that add up on a 2-core machine. The
-driver-outside-a-job path (RAY_ADDRESS) runs in tests/test_slurm.py under ray_job.sbatch."""
+driver-outside-a-job path (RAY_ADDRESS) runs in tests/cluster/test_slurm.py under ray_job.sbatch."""
 
 from __future__ import annotations
 
@@ -135,6 +135,9 @@ def test_ray_job_restarts_after_crash_and_kill_9_one_mlflow_run(
     )
     pids = tmp_path / "pids"
     env_vars = {"POLYSHIFT_FAIL_AT": "train_step:3:1", "POLYSHIFT_PID_DIR": str(pids)}
+    # Ray Train's controller looks at its workers every 2 s by default: each of the two deaths
+    # and the end of attempt 3 waited up to that long to be noticed.
+    env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     submitted = _ray(
         cluster, "submit", "--no-wait", "--address", cluster.dashboard_url,
         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}),

@@ -94,6 +94,11 @@ def ray_head(num_cpus: int = 4, log: Path | None = None) -> Iterator[RayHead]:
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # No idle default workers started ahead (one per CPU when the first driver
+            # connects): every worker the tests use has its own runtime env, so Ray starts
+            # fresh ones anyway and the idle ones only took CPU from the start-up.
+            "RAY_prestart_worker_first_driver": "0",
+            "RAY_enable_worker_prestart": "0",
         }
     )
     cmd = [
