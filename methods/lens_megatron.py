@@ -8,16 +8,17 @@ pipeline-parallel stages, behind the engine's generic `MegatronStage` hooks (met
   own them (before the engine wraps the model: megatron's DDP and optimizer take only trainable
   parameters; a stage with none still joins the gradient-norm reductions, and megatron skips the
   backward of an output that needs no gradient).
-- The parallel prompts ride in the same micro-batch as the LM rows, after them: every row
-  carries (role, language, length, micro-batch index, prompt index) in the block's ``context``
-  input, which megatron's TransformerBlock hands to every layer. A forward hook on layer L (the
-  last stage) pools the prompt rows, computes the Lens terms against theta_0's pooled states
-  (the method's reference table, filled by `prepare`), attaches them to the layer output as an
-  auxiliary loss (`AttachAuxLoss`, as the ShifCon stage does) and drops the prompt rows: the
-  final norm and the LM head see the LM rows only. The trained layers may sit on several
+- The parallel prompts of each micro-batch run as a micro-batch of their own right after it
+  (`side_rows`: at their own width, with no LM loss): every row carries (role, language,
+  length, micro-batch index, prompt index) in the block's ``context`` input, which megatron's
+  TransformerBlock hands to every layer. A forward hook on layer L (the last stage) pools the
+  prompt rows, computes the Lens terms against theta_0's pooled states (the method's reference
+  table, filled by `prepare`), attaches them to the layer output as an auxiliary loss
+  (`AttachAuxLoss`, as the ShifCon stage does) and drops the prompt rows but one placeholder:
+  the final norm and the LM head do no work for them. The trained layers may sit on several
   stages: the auxiliary loss's gradient crosses the pipeline like the LM loss's.
-- The LM rows still run (the schedule's loss is the LM loss); with lm_weight 0 their loss enters
-  the backward multiplied by 0, as on DeepSpeed where it is not computed at all.
+- The LM micro-batches still run (the loop's batches); with lm_weight 0 their loss enters the
+  backward multiplied by 0, as on DeepSpeed where it is not computed at all.
 - Under sequence parallelism the prompt rows are gathered over the TP group before pooling.
 - The method's state (reference table, directions) is computed on the last stage and
   broadcast over the pipeline group once; it does not change during training.
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from data.formatting import Batch, Example, right_pad
+from data.formatting import Example, right_pad
 from methods.base import MegatronStage, StageContext, StageForward
 from methods.lens import TERMS, Lens, combine, lens_terms, pool
 from methods.shifcon.megatron import AttachAuxLoss
@@ -46,10 +47,6 @@ def row_context(
     micros = torch.full_like(roles, micro)
     columns = [roles, langs, lengths, micros, prompts]
     return torch.stack([c.cpu().long() for c in columns], dim=1)
-
-
-def _pad_to(t: Tensor, width: int, value: int) -> Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
 class LensStage(MegatronStage):
@@ -89,20 +86,14 @@ class LensStage(MegatronStage):
         index = torch.tensor(list(prompts), dtype=torch.long)
         return ids, row_context(roles, langs, mask.sum(1), micro, index)
 
-    def train_rows(self, batch: Batch, micro: int) -> tuple[Tensor, Tensor]:
-        """LM rows, then n English prompts and their n targets, right-padded together."""
+    def side_rows(self, micro: int) -> tuple[Tensor, Tensor]:
+        """n English prompts and their n targets, a micro-batch of their own at their own width
+        (the LM micro-batch keeps its rows and width)."""
         m = self.method
         prompts, _ = m.pair_rows(m.pair_batch(self.where.dp_rank, self.where.dp_size))
         n = len(prompts) // 2
         roles = torch.tensor([ROLE_EN] * n + [ROLE_TARGET] * n)
-        ids, context = self._prompt_rows(prompts, roles, micro)
-        rows = batch.input_ids.shape[0]
-        lm_roles, no_prompt = torch.full((rows,), ROLE_LM), torch.full((rows,), -1)
-        lm = row_context(lm_roles, batch.lang_ids, batch.attention_mask.sum(1), micro, no_prompt)
-        width = max(batch.input_ids.shape[1], ids.shape[1])
-        pad = m.tokenizer.pad_token_id
-        both = torch.cat([_pad_to(batch.input_ids, width, pad), _pad_to(ids, width, pad)])
-        return both, torch.cat([lm, context])
+        return self._prompt_rows(prompts, roles, micro)
 
     # -- the top layer ----------------------------------------------------------------------
 
@@ -147,6 +138,8 @@ class LensStage(MegatronStage):
         micro = int(context[0, 3])
         self.values[micro] = torch.stack([terms[k].detach().double().cpu() for k in TERMS])
         keep = ~prompts
+        if not bool(keep.any()):  # a placeholder row through the final norm and the LM head
+            keep[0] = True
         hidden, context = hidden[:, keep.to(hidden.device)].contiguous(), context[keep]
         if torch.is_grad_enabled():
             hidden = AttachAuxLoss.apply(hidden, combine(m.cfg, terms) * self.micro_scale)
