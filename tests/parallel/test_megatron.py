@@ -79,18 +79,17 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
          "logits": True, "export_untrained": True},
         {"name": "sft_pp2", "recipe": _recipe(m, tmp, "sft_pp2", pp=2, name="sft"),
          "logits": True, "export_untrained": True},
-        {"name": "tp2", "recipe": _recipe(m, tmp, "tp2", tp=2), "train": True, "logits": True,
-         "generate": True},
+        # band: auto (tp2, dp2, pp2_auto): the layer probe through the partitioned model; the
+        # sessions re-opened for logits and generation restore the band from the checkpoint
+        {"name": "tp2", "recipe": _recipe(m, tmp, "tp2", tp=2, **AUTO), "train": True,
+         "logits": True, "generate": True},
         {"name": "pp2", "recipe": _recipe(m, tmp, "pp2", pp=2, vector_mode="running"),
          "train": True, "logits": True, "generate": True},
         {"name": "pp2_resumed", "recipe": _recipe(m, tmp, "pp2_resumed", pp=2,
                                                   vector_mode="running"),
          "train": True, "stages": [2, STEPS]},
-        {"name": "dp2", "recipe": _recipe(m, tmp, "dp2", dp=2), "train": True, "stages": [1]},
-        # band: auto: the layer probe through the partitioned model (resumed: the band comes
-        # back from the checkpoint before any layer shifts)
-        {"name": "tp2_auto", "recipe": _recipe(m, tmp, "tp2_auto", tp=2, **AUTO), "train": True,
-         "stages": [2, STEPS]},
+        {"name": "dp2", "recipe": _recipe(m, tmp, "dp2", dp=2, **AUTO), "train": True,
+         "stages": [1]},
         {"name": "pp2_auto", "recipe": _recipe(m, tmp, "pp2_auto", pp=2, **AUTO), "train": True},
     ]  # fmt: skip
     spec = tmp / "jobs.json"
@@ -105,11 +104,7 @@ def megatron_runs(tmp_path_factory, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     refs = {}
-    references = {
-        "ds_precompute": {"vector_mode": "precompute"},
-        "ds_running": {"vector_mode": "running"},
-        "ds_auto": AUTO,
-    }
+    references = {"ds_auto": AUTO, "ds_running": {"vector_mode": "running"}}
     for name, method in references.items():
         path = write_recipe(
             tmp / f"{name}.yaml", _recipe(m, tmp, name, engine="deepspeed", **method)
@@ -308,9 +303,8 @@ def test_same_weights_same_logits_in_hf_and_megatron(megatron_runs, tiny_model_d
     # scale cosine differences by 20 (tau 1.0 gave <= 2e-3), measured 2.3e-3 on loss_mcl.
     "job,ref,rtol",
     [
-        ("tp2", "ds_precompute", 5e-3),
+        ("tp2", "ds_auto", 5e-3),
         ("pp2", "ds_running", 1e-5),
-        ("tp2_auto", "ds_auto", 5e-3),  # resumed at step 2
         ("pp2_auto", "ds_auto", 1e-5),
     ],
 )
@@ -322,7 +316,7 @@ def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
         torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=rtol, atol=0
     )
     band = _meta(refs[ref] / "export")["band"]
-    assert _meta(tmp / job / "export")["band"] == band == ([2, 3] if "auto" in job else [1, 3])
+    assert _meta(tmp / job / "export")["band"] == band == ([1, 3] if job == "pp2" else [2, 3])
     keys = ["loss_lm", "loss_mcl"] + [f"loss_mcl/L{layer}" for layer in range(*band)]
     assert set(ours["method_metrics"][0]) == set(theirs["method_metrics"][0]) == set(keys)
     for key in keys:
@@ -342,28 +336,30 @@ def test_shifcon_training_matches_deepspeed(megatron_runs, job, ref, rtol):
 
 
 @pytest.mark.slow
-def test_band_auto_probe_on_the_pipeline_equals_deepspeeds(megatron_runs):
-    """PP=2: each stage probes its own layers; the curves combined over the stages are the
-    DeepSpeed probe's (the 4-layer model's band can only be [2, 3], so the curves are the
-    check that the same metric ran on the same states)."""
+@pytest.mark.parametrize("job,rtol", [("pp2_auto", 1e-5), ("dp2", 1e-5), ("tp2", 1e-4)])
+def test_band_auto_probe_on_megatron_equals_deepspeeds(megatron_runs, job, rtol):
+    """PP=2: each stage probes its own layers; DP=2: each rank half the batches; TP=2: split
+    matmuls. The combined curves are the DeepSpeed probe's (the 4-layer model's band can only
+    be [2, 3], so the curves are the check that the same metric ran on the same states)."""
     tmp, refs = megatron_runs
-    ours = json.loads((tmp / "pp2_auto" / "export" / PROBE_FILE).read_text())
+    ours = json.loads((tmp / job / "export" / PROBE_FILE).read_text())
     theirs = json.loads((refs["ds_auto"] / "export" / PROBE_FILE).read_text())
     assert ours["band"] == theirs["band"] == [2, 3] and ours["layers"] == [1, 2, 3, 4]
     assert ours["samples_per_language"] == theirs["samples_per_language"]
     assert ours["pairs_per_language"] == theirs["pairs_per_language"]
     for lang in LANGS:
         assert ours["distances"][lang] == pytest.approx(
-            theirs["distances"][lang], rel=1e-5, abs=1e-7
+            theirs["distances"][lang], rel=rtol, abs=1e-7
         )
-    assert ours["mean_distance"] == pytest.approx(theirs["mean_distance"], rel=1e-5)
-    assert ours["language_id_accuracy"] == theirs["language_id_accuracy"]
-    assert ours["bitext_retrieval_accuracy"] == theirs["bitext_retrieval_accuracy"]
+    assert ours["mean_distance"] == pytest.approx(theirs["mean_distance"], rel=rtol)
+    if job != "tp2":  # nearest-neighbour accuracies: exact where the states are
+        assert ours["language_id_accuracy"] == theirs["language_id_accuracy"]
+        assert ours["bitext_retrieval_accuracy"] == theirs["bitext_retrieval_accuracy"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "job,ref", [("tp2", "ds_precompute"), ("pp2", "ds_running"), ("pp2_auto", "ds_auto")]
+    "job,ref", [("tp2", "ds_auto"), ("pp2", "ds_running"), ("pp2_auto", "ds_auto")]
 )
 def test_megatron_export_has_the_deepspeed_detector(megatron_runs, job, ref, capsys):
     """The linear detector fitted on the megatron engine (features from the stage that owns
@@ -402,8 +398,8 @@ def test_shifted_export_equals_the_megatron_engine(megatron_runs, job):
     placement = {p["pp_rank"]: p["shift_layers"] for p in ref["placement"]}
     if job == "pp2":  # layers 1-2 on stage 0, 3-4 on stage 1; the band is [1, 3]
         assert placement == {0: [1, 2], 1: [3]}
-    else:
-        assert placement == {0: [1, 2, 3]}
+    else:  # band: auto: every layer is built as one (the band is chosen after the build)
+        assert placement == {0: [1, 2, 3, 4]}
 
 
 @pytest.mark.slow
@@ -436,7 +432,7 @@ def test_vectors_are_reduced_over_data_parallel_ranks(megatron_runs):
     process's over all of them (the DeepSpeed reference)."""
     tmp, refs = megatron_runs
     ours = load_file(tmp / "dp2" / "export" / "shifcon_vectors.safetensors")
-    ref = load_file(refs["ds_precompute"] / "export" / "shifcon_vectors.safetensors")
+    ref = load_file(refs["ds_auto"] / "export" / "shifcon_vectors.safetensors")
     assert torch.equal(ours["counts"], ref["counts"])
     torch.testing.assert_close(ours["vectors"], ref["vectors"], rtol=1e-5, atol=1e-6)
     assert _summary(tmp / "dp2")["world_size"] == 2
