@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from parallel.distributed import free_port
-from tests.helpers.cluster_procs import ROOT, leftovers, tool_env
+from tests.helpers.cluster_procs import RAY_NO_PRESTART, ROOT, leftovers, tool_env
 from tests.helpers.runs import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # a real Slurm: daemons, sbatch jobs
@@ -92,6 +92,8 @@ def test_ray_job_sbatch_runs_recipe_and_tears_down(slurm, spaced, tiny_model_dir
             "POLYSHIFT_RAY_DASHBOARD_PORT": str(free_port()),
             "POLYSHIFT_RAY_AGENT_PORT": str(free_port()),
             "POLYSHIFT_RAY_CLIENT_PORT": str(free_port()),
+            **RAY_NO_PRESTART,
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the job's end noticed sooner
         }
     )
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RANK"):

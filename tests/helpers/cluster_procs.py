@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
 
 
+# No idle default workers started ahead (one per CPU when the first driver connects): every
+# worker the tests use has its own runtime env, so Ray starts fresh ones anyway and the idle
+# ones only took CPU from the start-up.
+RAY_NO_PRESTART = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
+
+
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for CLI tools: the venv first on PATH, the repository importable."""
     env = {**clean_env(), **(extra or {})}
@@ -94,11 +100,7 @@ def ray_head(num_cpus: int = 4, log: Path | None = None) -> Iterator[RayHead]:
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
-            # No idle default workers started ahead (one per CPU when the first driver
-            # connects): every worker the tests use has its own runtime env, so Ray starts
-            # fresh ones anyway and the idle ones only took CPU from the start-up.
-            "RAY_prestart_worker_first_driver": "0",
-            "RAY_enable_worker_prestart": "0",
+            **RAY_NO_PRESTART,
         }
     )
     cmd = [
