@@ -412,7 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--languages", default=DEFAULT_LANGS)
     parser.add_argument("--backbone", default="embedded:smollm2-135m-instruct")
-    parser.add_argument("--band", default="12,16")
+    parser.add_argument(
+        "--band",
+        default="12,16",
+        help="f,b: ShifCon's band (unless a run sets method.band) and the layers [f, b) bitext "
+        "is scored at for every run, so the column compares runs at the same layers",
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="global = micro batch")
@@ -527,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     note = (
         f"\n\n{len(held)} held-out questions per language (split: data/gsm8k_shared.py), "
-        f"{args.steps} steps, backbone {args.backbone}, band {list(band)}; MLflow: {uri} "
+        f"{args.steps} steps, backbone {args.backbone}; bitext scored at layers {list(band)} "
+        f"[f, b) for every run (a run's own band may differ); MLflow: {uri} "
         f"(experiment {EXPERIMENT}).\n"
     )
     (out / "quality.md").write_text(table + note)
