@@ -184,8 +184,10 @@ def _launch(mode: str, recipe: Recipe, run_dir: Path) -> None:
         launch_local_workers(recipe, run_dir)
     else:
         from launcher.loop import run_training
+        from parallel.distributed import shutdown_distributed
 
         run_training(recipe, run_dir)
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class DistContext:
         return torch.device("cpu")
 
 
+_owned_group = False  # this process created the default group (not Ray Train, not a test)
+
+
 def init_distributed(device: Device, timeout_s: int = 600) -> DistContext:
     """Join the process group described by the environment (a group of one when absent)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -87,7 +90,22 @@ def init_distributed(device: Device, timeout_s: int = 600) -> DistContext:
             world_size=world,
             timeout=timedelta(seconds=timeout_s),
         )
+        global _owned_group
+        _owned_group = True
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process groups `init_distributed` created, once a run has ended well.
+
+    A group left to the interpreter's exit can abort a finished run: gloo's worker threads
+    outlive the interpreter and the process dies with SIGABRT ("terminate called without an
+    active exception") after its export was written, so the launcher reports a failed run.
+    Only after success: a rank that failed must not wait on peers in a teardown."""
+    global _owned_group
+    if _owned_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _owned_group = False
 
 
 def barrier() -> None:
