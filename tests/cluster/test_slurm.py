@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from parallel.distributed import free_port
 from tests.helpers.cluster_procs import RAY_NO_PRESTART, ROOT, leftovers, tool_env
 from tests.helpers.runs import tiny_recipe, write_recipe
+from tests.helpers.servers import service_port
 
 pytestmark = pytest.mark.slow  # a real Slurm: daemons, sbatch jobs
 
@@ -88,10 +88,10 @@ def test_ray_job_sbatch_runs_recipe_and_tears_down(slurm, spaced, tiny_model_dir
         {
             "POLYSHIFT_HOME": str(ROOT),
             "POLYSHIFT_RAY_HEAD_IP": "127.0.0.1",
-            "POLYSHIFT_RAY_PORT": str(free_port()),
-            "POLYSHIFT_RAY_DASHBOARD_PORT": str(free_port()),
-            "POLYSHIFT_RAY_AGENT_PORT": str(free_port()),
-            "POLYSHIFT_RAY_CLIENT_PORT": str(free_port()),
+            "POLYSHIFT_RAY_PORT": str(service_port()),
+            "POLYSHIFT_RAY_DASHBOARD_PORT": str(service_port()),
+            "POLYSHIFT_RAY_AGENT_PORT": str(service_port()),
+            "POLYSHIFT_RAY_CLIENT_PORT": str(service_port()),
             **RAY_NO_PRESTART,
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the job's end noticed sooner
         }
@@ -124,7 +124,7 @@ def test_torchrun_sbatch_runs_two_processes(slurm, spaced, tiny_model_dir):
         {
             "POLYSHIFT_HOME": str(ROOT),
             "POLYSHIFT_MASTER_ADDR": "127.0.0.1",
-            "POLYSHIFT_MASTER_PORT": str(free_port()),
+            "POLYSHIFT_MASTER_PORT": str(service_port()),
         }
     )
     for name in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

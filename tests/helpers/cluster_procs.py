@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 
-from parallel.distributed import free_port
 from tests.helpers.runs import clean_env
+from tests.helpers.servers import service_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -93,7 +93,7 @@ class RayHead:
 def ray_head(num_cpus: int = 4, log: Path | None = None) -> Iterator[RayHead]:
     """A private single-node Ray cluster on loopback, stopped by pid on exit."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
-    port, dash, agent, client = (free_port() for _ in range(4))
+    port, dash, agent, client = (service_port() for _ in range(4))
     env = tool_env(
         {
             "RAY_AUTH_MODE": "token",  # whatever ~/.ray/auth_token holds, we use our own token

@@ -4,20 +4,45 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from parallel.distributed import free_port
+_handed_out: set[int] = set()
+
+
+def service_port(host: str = "127.0.0.1") -> int:
+    """A free port for a server that another process binds later, below the kernel's
+    ephemeral range and above Ray's worker ports (10002-19999).
+
+    A port from bind(0) is ephemeral: until the server binds it, the kernel may hand it to any
+    process's outgoing connection or bind(0) (seen: a Ray head's client server lost its port to
+    one and the Slurm job waited out its timeout)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()  # not the tests' seeded global state
+    for _ in range(200):
+        port = rng.randrange(20000, max(low, 20001))
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in 20000-{low}")
 
 
 def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` over a sqlite store under `root`; returns (process, URI) at once."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = service_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner pool
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
