@@ -234,7 +234,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from launcher.loop import run_training
-    from parallel.distributed import shutdown_distributed
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -271,4 +270,3 @@ def _train_worker(config: dict[str, Any]) -> None:
     recipe = load_recipe(run_dir / "recipe.yaml")
     recipe.cluster.device = config["device"]
     run_training(recipe, run_dir)
-    shutdown_distributed()

@@ -184,10 +184,11 @@ def _launch(mode: str, recipe: Recipe, run_dir: Path) -> None:
         launch_local_workers(recipe, run_dir)
     else:
         from launcher.loop import run_training
-        from parallel.distributed import shutdown_distributed
+        from parallel.distributed import exit_finished_rank
 
         run_training(recipe, run_dir)
-        shutdown_distributed()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank under torchrun / srun
+            exit_finished_rank()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 from config.errors import TrainingDiverged, UserError
 from config.recipe import load_recipe
 from launcher.loop import run_training
-from parallel.distributed import shutdown_distributed
+from parallel.distributed import exit_finished_rank
 
 
 def main(run_dir: str) -> int:
@@ -21,8 +21,7 @@ def main(run_dir: str) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    shutdown_distributed()
-    return 0
+    exit_finished_rank()  # one of several local workers (launcher/local.py): see its docstring
 
 
 if __name__ == "__main__":
