@@ -6,7 +6,6 @@ MASTER_PORT); this module only reads it, so the training code has one way to fin
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -102,7 +101,6 @@ def exit_finished_rank() -> NoReturn:
     DeepSpeed's threads), which a finished rank does not need."""
     sys.stdout.flush()
     sys.stderr.flush()
-    logging.shutdown()
     os._exit(0)
 
 
