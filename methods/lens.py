@@ -21,7 +21,7 @@ Specification: docs/methods.md, "Lens specification". Choices made here:
   + pull * sum_X MSE(P_a(h_en), P_a(h_X)) [+ lm_weight * LM on the loop's batch].
   The loop's batch is not used unless lm_weight > 0.
 
-The math (`pool`, `lens_terms`, `combine`, `directions`) is plain tensor functions, shared with
+The math (`lens_terms`, `combine`, `directions`) is plain tensor functions, shared with
 the megatron stage (methods/lens_megatron.py); engines only decide where h comes from.
 """
 
@@ -45,6 +45,7 @@ from data.batching import even_rounds
 from data.formatting import Batch, Example, chat_prompt_ids, right_pad
 from data.pairs import Pair, load_pairs
 from methods.base import Method, lm_loss
+from methods.shifcon.math import pooled_mean
 from methods.subspace import agnostic_direction, decompose, project, project_direction
 from model.layers import decoder_layers, device_of, rank_world, unwrap
 
@@ -54,12 +55,6 @@ TERMS = ("retain", "push", "pull")
 
 
 # -- the math (both engines) ---------------------------------------------------------------
-
-
-def pool(h: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``h [B, T, D]`` over the positions of ``mask [B, T]``, in fp32: ``[B, D]``."""
-    w = mask.to(device=h.device, dtype=torch.float32)
-    return torch.einsum("btd,bt->bd", h.float(), w) / w.sum(1, keepdim=True).clamp(min=1.0)
 
 
 @dataclass(frozen=True)
@@ -249,7 +244,7 @@ class Lens(Method):
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         finally:
             handle.remove()
-        return pool(cap["out"], mask)
+        return pooled_mean(cap["out"], mask)
 
     # -- reference states and decomposition -----------------------------------------------
 

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from data.formatting import Example, right_pad
 from methods.base import MegatronStage, StageContext, StageForward
-from methods.lens import TERMS, Lens, combine, lens_terms, pool
+from methods.lens import TERMS, Lens, combine, lens_terms
+from methods.shifcon.math import pooled_mean
 from methods.shifcon.megatron import AttachAuxLoss
 
 ROLE_LM, ROLE_EN, ROLE_TARGET, ROLE_PROBE = 0, 1, 2, 3
@@ -110,7 +111,7 @@ class LensStage(MegatronStage):
     def _pooled(self, hidden: Tensor, context: Tensor, rows: Tensor) -> Tensor:
         h = self._full_rows(hidden, rows)
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        return pool(h, positions < context[rows, 2].to(h.device).unsqueeze(1))
+        return pooled_mean(h, positions < context[rows, 2].to(h.device).unsqueeze(1))
 
     def _after_top(self, module, args, output):
         """Layer L's output ``(hidden [s, rows, h], context)``: record (prepare) or add the
